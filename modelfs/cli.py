@@ -1,0 +1,185 @@
+"""Command line: `modelfs mount | umount | status | prefetch`.
+
+`mount` without --foreground daemonizes by forking before any thread exists, and returns only when the child
+reports the mount live (exit 0) or failed (exit 1 with the reason). Secrets never go on the command line by
+preference: --router-token exists, but MODELFS_ROUTER_TOKEN or the config file keep the key out of `ps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, load
+
+log = logging.getLogger("modelfs")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelfs",
+        description="A read-only FUSE filesystem serving GGUF models from a local store, shared directories "
+        "(NFS) in place, and llmlb routers.",
+    )
+    parser.add_argument("--version", action="version", version=f"modelfs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    mount = commands.add_parser(
+        "mount",
+        help="mount modelfs",
+        description="Mount modelfs at MOUNTPOINT. Settings come from flags > MODELFS_* environment > config file "
+        "> llmlb node variables (LLM_NODE_MODELS_DIR, LLM_NODE_SHARED_MODELS_DIR, LLM_ROUTER_URL, "
+        "LLM_NODE_API_KEY) > defaults. See docs/configuration.md.",
+    )
+    mount.add_argument("mountpoint", type=Path, help="an existing directory, e.g. /models")
+    mount.add_argument("--store", help="local store directory; downloads go here (created if missing; "
+                       "default /var/lib/modelfs/store as root, ~/.local/share/modelfs/store otherwise)")
+    mount.add_argument("--shared", action="append", help="shared directory (NFS) read in place; repeatable, "
+                       "searched in the order given")
+    mount.add_argument("--router", action="append", help="llmlb router base URL, e.g. http://router:8080; "
+                       "repeatable, tried in order with failover")
+    mount.add_argument("--router-token", help="router API key (visible in ps: prefer MODELFS_ROUTER_TOKEN or "
+                       "router_token in the config file)")
+    mount.add_argument("--config", type=Path, help="TOML config file (keys as these flags, with _)")
+    mount.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd); log to stderr")
+    mount.add_argument("--allow-other", action="store_true", default=None,
+                       help="let other users read the mount (non-root needs user_allow_other in /etc/fuse.conf)")
+    mount.add_argument("--shared-timeout", type=float, help="seconds before a shared directory that does not "
+                       "answer is skipped as unavailable (default 2)")
+    mount.add_argument("--connect-timeout", type=float, help="seconds to connect to a router (default 5)")
+    mount.add_argument("--read-timeout", type=float, help="seconds a router may stall mid-response (default 30)")
+    mount.add_argument("--retries", type=int, help="retries of a failed download, with backoff (default 3)")
+    mount.add_argument("--store-max-size", help="evict least-recently-used downloaded models to keep the store "
+                       "under this size, e.g. 200G (default: no limit)")
+    mount.add_argument("--log-file", type=Path, help="where a background daemon logs (default "
+                       "/var/log/modelfs.log as root, ~/.local/state/modelfs/modelfs.log otherwise)")
+    mount.add_argument("--debug", action="store_true", default=None, help="log every request")
+
+    umount = commands.add_parser("umount", help="unmount modelfs (also clears a mount left by a crashed daemon)")
+    umount.add_argument("mountpoint", type=Path)
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("store", "shared", "router", "router_token", "shared_timeout", "connect_timeout", "read_timeout",
+            "retries", "store_max_size", "allow_other", "debug")
+    return {key: getattr(args, key) for key in keys}
+
+
+def setup_logging(debug: bool, stream: Any = None) -> None:
+    """Plain lines; under journald (JOURNAL_STREAM) without our own timestamps, as it adds its own."""
+    if os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt, stream=stream or sys.stderr,
+                        force=True)
+    for noisy in ("httpx", "httpcore", "pyfuse3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not debug else logging.INFO)
+
+
+def default_log_file() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/log/modelfs.log")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local/state")
+    return Path(base) / "modelfs/modelfs.log"
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import MountError, run
+
+    try:
+        config = load(_flags(args), args.config)
+    except ConfigError as exc:
+        print(f"modelfs: {exc}", file=sys.stderr)
+        return 2
+    mountpoint = args.mountpoint.absolute()
+    if args.foreground:
+        setup_logging(config.debug)
+        try:
+            run(config, mountpoint)
+        except MountError as exc:
+            log.error("%s", exc)
+            return 1
+        return 0
+    return _daemonize(config, mountpoint, args.log_file or default_log_file())
+
+
+def _daemonize(config: Config, mountpoint: Path, log_file: Path) -> int:
+    """Fork a daemon that serves the mount; return once it says the mount is live, or why it is not."""
+    from .mount import MountError, run
+
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    except OSError as exc:
+        print(f"modelfs: cannot open log file {log_file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        setup_logging(config.debug)
+        status = 1
+        try:
+            run(config, mountpoint, ready=lambda: _tell(write_end, "ok"))
+            status = 0
+        except MountError as exc:
+            log.error("%s", exc)
+            _tell(write_end, f"error: {exc}")
+        except BaseException as exc:  # noqa: BLE001 - report anything to the waiting parent
+            log.exception("modelfs failed")
+            _tell(write_end, f"error: {exc}")
+        os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        answer = pipe.readline().strip()
+    if answer == "ok":
+        print(f"modelfs: mounted {mountpoint} (pid {pid}, log {log_file})")
+        return 0
+    reason = answer.removeprefix("error: ") or f"the daemon exited before mounting; see {log_file}"
+    print(f"modelfs: {reason}", file=sys.stderr)
+    return 1
+
+
+def _tell(fd: int, message: str) -> None:
+    try:
+        os.write(fd, (message + "\n").encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from .mount import MountError, is_stale, unmount
+
+    mountpoint = args.mountpoint.absolute()
+    try:
+        if is_stale(mountpoint):
+            unmount(mountpoint, lazy=True)
+            print(f"modelfs: cleared stale mount {mountpoint}")
+            return 0
+        if not os.path.ismount(mountpoint):
+            print(f"modelfs: {mountpoint} is not mounted", file=sys.stderr)
+            return 1
+        unmount(mountpoint)
+    except MountError as exc:
+        print(f"modelfs: cannot unmount {mountpoint}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"mount": cmd_mount, "umount": cmd_umount}
+    return commands[args.command](args)

@@ -1,0 +1,150 @@
+"""The life of a mount: checks, pyfuse3.init, the trio loop, readiness, signals, and a clean unmount.
+
+Nothing else calls pyfuse3.init/close. Start-up problems become `MountError` with a one-line reason. Readiness
+is reported once the kernel mount exists and the loop is serving it: to systemd (`READY=1` on NOTIFY_SOCKET) and,
+when `modelfs mount` daemonized itself, to the waiting parent through a pipe.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .config import Config
+from .fetcher import Fetcher
+from .fs import ModelFS
+from .resolver import Resolver
+from .router import Router
+from .shared import SharedDir
+from .store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class MountError(Exception):
+    """The mount cannot start; the message is the one line an admin needs."""
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify systemd: %s", exc)
+
+
+def is_stale(mountpoint: Path) -> bool:
+    """A mountpoint left behind by a dead FUSE daemon answers ENOTCONN."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def unmount(mountpoint: Path, lazy: bool = False) -> None:
+    """Unmount a FUSE mount (ours or a stale one); MountError with the tool's message on failure."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u"] if tool else ["umount"]
+    if lazy:
+        command.append("-z" if tool else "-l")
+    result = subprocess.run([*command, str(mountpoint)], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        raise MountError(result.stderr.strip() or f"{' '.join(command)} failed")
+
+
+def check(config: Config, mountpoint: Path) -> None:
+    """Everything that can be known wrong before mounting, each with a clear reason."""
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3")
+    if is_stale(mountpoint):
+        log.warning("%s is a stale mount of a dead FUSE daemon; unmounting it lazily", mountpoint)
+        unmount(mountpoint, lazy=True)
+    if not mountpoint.is_dir():
+        raise MountError(f"mountpoint {mountpoint} does not exist or is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+    try:
+        Store(config.store).check()
+    except StoreError as exc:
+        raise MountError(str(exc)) from None
+    for root in config.shared:
+        if not root.is_absolute():
+            raise MountError(f"shared directory {root} must be an absolute path")
+
+
+def options(config: Config) -> set[str]:
+    opts = {"fsname=modelfs", "subtype=modelfs", "ro", "default_permissions", "noatime"}
+    if config.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: None) -> None:
+    """Mount, serve until unmounted or signalled, then unmount. Blocks."""
+    check(config, mountpoint)
+    store = Store(config.store)
+    shared = [SharedDir(root, config.shared_timeout) for root in config.shared]
+    router = Router(config) if config.router else None
+    fetcher = Fetcher(store, router, config.retries) if router else None
+    resolver = Resolver(config, store, shared, router, fetcher)
+    operations = ModelFS(resolver)
+    try:
+        pyfuse3.init(operations, str(mountpoint), options(config))
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+    log.info("mounted %s: store %s, shared %s, routers %s", mountpoint, config.store,
+             ", ".join(map(str, config.shared)) or "none", ", ".join(config.router) or "none")
+    clean = False
+    try:
+        trio.run(_serve, shared, router, fetcher, ready)
+        clean = True
+    finally:
+        sd_notify("STOPPING=1")
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
+
+
+async def _serve(shared: list[SharedDir], router: Router | None, fetcher: Fetcher | None,
+                 ready: Callable[[], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        if fetcher is not None:
+            await nursery.start(fetcher.run)
+        for directory in shared:
+            nursery.start_soon(directory.probe_forever)
+        nursery.start_soon(_stop_on_signal)
+        nursery.start_soon(_announce, ready)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    if router is not None:
+        await router.aclose()
+
+
+async def _announce(ready: Callable[[], None]) -> None:
+    await trio.sleep(0)  # let pyfuse3.main start its workers first
+    ready()
+    sd_notify("READY=1\nSTATUS=serving")
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s received; unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

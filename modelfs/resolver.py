@@ -1,0 +1,200 @@
+"""Name → source: the local store, then each shared directory, then the routers; otherwise ENOENT.
+
+All policy of the namespace lives here: the order of sources, skipping unavailable shared directories, the short
+negative cache, what a directory lists, whether an open may keep the kernel's page cache, and which reader serves
+an open file. The FUSE layer only asks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from cachetools import TTLCache
+
+from . import layout, names
+from .config import Config
+from .errors import Failure, not_found
+from .fetcher import Download, Fetcher
+from .readers import DownloadReader, LocalReader, Reader, SharedReader
+from .router import NotFound, Router, RouterError
+from .shared import SharedDir, SharedUnavailable
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+LOCAL, SHARED, ROUTER = "local", "shared", "router"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the bytes of one model come from right now."""
+
+    kind: str
+    name: str
+    path: Path
+    size: int
+    mtime_ns: int
+    shared: SharedDir | None = None
+    download: Download | None = None
+
+
+class Resolver:
+    def __init__(self, config: Config, store: Store, shared: list[SharedDir], router: Router | None,
+                 fetcher: Fetcher | None) -> None:
+        self.store = store
+        self.shared = shared
+        self.router = router
+        self.fetcher = fetcher
+        self.started_ns = time.time_ns()
+        self._misses: TTLCache[str, str] = TTLCache(maxsize=65536, ttl=config.negative_cache_ttl)
+        self._router_list: TTLCache[str, dict[str, int]] = TTLCache(maxsize=1, ttl=config.router_list_ttl)
+        self._identities: dict[str, tuple[int, int, int, int]] = {}
+
+    def _local(self, name: str, found: layout.Found) -> Source:
+        return Source(LOCAL, name, found.path, found.st.st_size, found.st.st_mtime_ns)
+
+    async def resolve(self, name: str) -> Source:
+        """The source of model `name`, in the order store → shared → router. Never reads model bytes."""
+        names.validate(name)
+        if name in self._misses:
+            raise not_found(self._misses[name])
+        found = self.store.find(name)
+        if found is not None:
+            return self._local(name, found)
+        looked = [f"store {self.store.root}"]
+        for shared in self.shared:
+            try:
+                found = await shared.find(name)
+            except SharedUnavailable as exc:
+                looked.append(f"shared {shared.root} (skipped, unavailable: {exc})")
+                continue
+            except OSError as exc:
+                looked.append(f"shared {shared.root} ({exc.strerror})")
+                continue
+            if found is not None:
+                return Source(SHARED, name, found.path, found.st.st_size, found.st.st_mtime_ns, shared)
+            looked.append(f"shared {shared.root}")
+        source = await self._remote(name, looked)
+        if source is not None:
+            return source
+        message = f"model {name!r} not found; looked in: " + ", ".join(looked)
+        self._misses[name] = message
+        log.info("%s", message)
+        raise not_found(message)
+
+    async def _remote(self, name: str, looked: list[str]) -> Source | None:
+        """A router source for `name` without fetching a byte: a running download, the list, or a HEAD."""
+        download = self.fetcher.downloads.get(name) if self.fetcher else None
+        if download is not None:
+            return self._router_source(name, download.total or 0, download)
+        if self.router is None:
+            return None
+        listed = self._router_list.get("models", {}).get(name, -1)
+        if listed > 0:
+            return self._router_source(name, listed)
+        try:
+            remote = await self.router.head(name)
+        except NotFound:
+            looked.append("routers " + ", ".join(self.router.urls) + " (404)")
+            return None
+        except RouterError as exc:
+            log.error("cannot resolve %s: no router answered: %s", name, exc)
+            raise Failure(errno.EIO, f"no router answered for {name!r}: {exc}") from None
+        return self._router_source(name, remote.size)
+
+    def _router_source(self, name: str, size: int, download: Download | None = None) -> Source:
+        return Source(ROUTER, name, self.store.final_path(name), size, self.started_ns, download=download)
+
+    async def is_dir(self, prefix: str) -> bool:
+        """Whether `prefix` is a directory of the mount (`org` when `org/model` exists somewhere)."""
+        names.validate_dir(prefix)
+        if self.store.is_dir(prefix):
+            return True
+        for shared in self.shared:
+            try:
+                if await shared.is_dir(prefix):
+                    return True
+            except (SharedUnavailable, OSError):
+                continue
+        return any(name.startswith(prefix + "/") for name in await self.router_models())
+
+    async def router_models(self) -> dict[str, int]:
+        """The routers' model list, cached for `router_list_ttl`; {} when no router answers."""
+        if self.router is None:
+            return {}
+        models = self._router_list.get("models")
+        if models is None:
+            models = await self.router.list_models()
+            self._router_list["models"] = models
+        return models
+
+    async def list_models(self) -> dict[str, Source]:
+        """Every model visible in the mount; the store wins over shared dirs, which win over routers."""
+        models: dict[str, Source] = {}
+        for name, size in (await self.router_models()).items():
+            models[name] = self._router_source(name, max(size, 0))
+        for name, download in (self.fetcher.downloads.items() if self.fetcher else ()):
+            models[name] = self._router_source(name, download.total or 0, download)
+        for shared in reversed(self.shared):
+            try:
+                found = await shared.walk()
+            except (SharedUnavailable, OSError) as exc:
+                log.info("listing skips shared directory %s: %s", shared.root, exc)
+                continue
+            for name, f in found.items():
+                models[name] = Source(SHARED, name, f.path, f.st.st_size, f.st.st_mtime_ns, shared)
+        for name, f in (await trio.to_thread.run_sync(self.store.walk)).items():
+            models[name] = self._local(name, f)
+        return models
+
+    async def list_dir(self, prefix: str) -> dict[str, Source | None]:
+        """Entries of mount directory `prefix`: `<model>.gguf` → its source, subdirectory → None."""
+        entries: dict[str, Source | None] = {}
+        start = prefix + "/" if prefix else ""
+        for name, source in (await self.list_models()).items():
+            if not name.startswith(start):
+                continue
+            rest = name[len(start):]
+            head, slash, _ = rest.partition("/")
+            if slash:
+                entries.setdefault(head, None)
+            else:
+                entries[rest + names.SUFFIX] = source
+        return entries
+
+    async def open(self, name: str) -> tuple[Reader, bool]:
+        """A reader for model `name`, and whether the kernel may keep its cached pages (file unchanged)."""
+        source = await self.resolve(name)
+        reader: Reader
+        if source.kind == LOCAL:
+            fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+            reader = LocalReader(fd, str(source.path))
+            st = os.fstat(fd)
+        elif source.kind == SHARED:
+            assert source.shared is not None
+            try:
+                fd = await source.shared.call(os.open, source.path, os.O_RDONLY | os.O_CLOEXEC)
+                reader = SharedReader(fd, str(source.path), source.shared)
+                st = await source.shared.call(os.fstat, fd)
+            except SharedUnavailable:
+                # The directory died between lookup and open: resolve again, which now skips it.
+                return await self.open(name)
+        else:
+            assert self.fetcher is not None
+            download = self.fetcher.start(name, source.size or None)
+            log.info("open %s: downloading from router into %s", name, self.store.final_path(name))
+            return DownloadReader(os.dup(download.fd), str(self.store.partial_path(name)), download), False
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        keep_cache = self._identities.get(name) == identity
+        self._identities[name] = identity
+        log.info("open %s: %s %s%s", name, source.kind, source.path, "" if keep_cache else " (page cache renewed)")
+        return reader, keep_cache
+
+    def forget_miss(self, name: str) -> None:
+        self._misses.pop(name, None)

@@ -1,0 +1,123 @@
+"""The node's local store: the only directory modelfs writes to.
+
+A file at `STORE/<name>/model.gguf` is always complete and verified. A download in progress lives next to it
+under hidden names (`.model.gguf.partial` and its `.model.gguf.partial.json` sidecar), which are never listed
+or resolved, and becomes a model only by `promote` (fsync, rename, fsync of the directory).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import layout, names
+
+log = logging.getLogger(__name__)
+
+PARTIAL = ".model.gguf.partial"
+SIDECAR = ".model.gguf.partial.json"
+
+
+class StoreError(Exception):
+    """The store cannot be used (missing, not writable); the message says why."""
+
+
+class Store:
+    """The local store directory, in the llmlb layout."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def check(self) -> None:
+        """Create the store if missing and prove it writable, so a mount never starts on a store it can't use."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".modelfs-probe-"):
+                pass
+        except OSError as exc:
+            raise StoreError(f"store {self.root} is not usable: {exc.strerror or exc}") from None
+
+    def find(self, name: str) -> layout.Found | None:
+        return layout.locate(self.root, name)
+
+    def is_dir(self, prefix: str) -> bool:
+        return layout.is_dir(self.root, prefix)
+
+    def walk(self) -> dict[str, layout.Found]:
+        return layout.walk(self.root)
+
+    def final_path(self, name: str) -> Path:
+        return self.root / names.validate(name) / names.MODEL_FILE
+
+    def partial_path(self, name: str) -> Path:
+        return self.root / names.validate(name) / PARTIAL
+
+    def sidecar_path(self, name: str) -> Path:
+        return self.root / names.validate(name) / SIDECAR
+
+    def read_sidecar(self, name: str) -> dict[str, Any]:
+        """What the server said when the partial download began (validator, total size); {} if unknown."""
+        try:
+            data = json.loads(self.sidecar_path(name).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_sidecar(self, name: str, data: dict[str, Any]) -> None:
+        """Atomically record the validator of a partial download, so a resume never mixes two versions."""
+        path = self.sidecar_path(name)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
+    def discard_sidecar(self, name: str) -> None:
+        self._unlink(self.sidecar_path(name))
+
+    def discard_partial(self, name: str) -> None:
+        self._unlink(self.partial_path(name))
+        self._unlink(self.sidecar_path(name))
+
+    def _unlink(self, *paths: Path) -> None:
+        for path in paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", path, exc.strerror)
+
+    def promote(self, name: str, fd: int) -> Path:
+        """Make a verified partial download the model: fsync, atomic rename, fsync the directory."""
+        os.fsync(fd)
+        final = self.final_path(name)
+        os.replace(self.partial_path(name), final)
+        dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        try:
+            self.sidecar_path(name).unlink()
+        except FileNotFoundError:
+            pass
+        return final
+
+    def usage(self) -> int:
+        """Bytes of model files and partial downloads in the store."""
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for filename in files:
+                try:
+                    total += os.stat(os.path.join(dirpath, filename)).st_blocks * 512
+                except OSError:
+                    pass
+        return total
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
