@@ -36,6 +36,13 @@ WRITE_CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
+class Corrupt(Failure):
+    """The router sent something that is not the model; the partial file is worthless."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
 class Stopped(Exception):
     """The mount is going away; the partial download is kept for next time."""
 
@@ -62,6 +69,7 @@ class Download:
         self.error: Failure | None = None
         self.started = time.monotonic()
         self.stop = threading.Event()
+        self.written = 0  # the worker thread's own count; `progress` is the loop's copy of it
         self._changed = trio.Event()
 
     def _update(self, progress: int | None = None, total: int | None = None) -> None:
@@ -182,7 +190,9 @@ class Fetcher:
                 log.error("download of %s failed: %s; partial kept for the next try", name, exc)
         except Failure as exc:
             error = exc
-            log.error("download of %s failed: %s", name, exc)
+            if isinstance(exc, Corrupt):
+                self.store.discard_partial(name)
+            log.error("download of %s failed: %s%s", name, exc, "; discarded" if isinstance(exc, Corrupt) else "")
         except Exception as exc:  # noqa: BLE001 - the daemon must keep serving other models
             error = Failure(errno.EIO, f"download of {name}: {exc}")
             log.exception("download of %s failed unexpectedly", name)
@@ -224,11 +234,12 @@ class Fetcher:
                         sidecar = {"total": answer.total, "validator": answer.validator, "digest": answer.digest}
                         self.store.write_sidecar(name, sidecar)
                     self._report(download, have, answer.total)
-                    before = have
+                    download.written = have
                     try:
-                        have = self._copy(download, response, have)
+                        self._copy(download, response)
                     finally:
-                        fetched += have - before
+                        fetched += download.written - have
+                        have = download.written
                     if answer.total is not None and have < answer.total:
                         raise httpx.RemoteProtocolError(f"body ended at byte {have} of {answer.total}")
                     return fetched
@@ -251,24 +262,33 @@ class Fetcher:
         self._report(download, 0)
         return 0
 
-    def _copy(self, download: Download, response: httpx.Response, offset: int) -> int:
-        """Write the body at `offset` in large writes, reporting progress; returns the new end offset."""
+    def _copy(self, download: Download, response: httpx.Response) -> None:
+        """Append the body at `download.written` in large writes, reporting progress as it goes.
+
+        Whatever arrived is written even when the body breaks off, so a resume never fetches it twice.
+        """
         pending: list[bytes] = []
         size = 0
-        for chunk in response.iter_raw():
-            pending.append(chunk)
-            size += len(chunk)
-            if size >= WRITE_CHUNK:
-                offset += _write(download.fd, pending, offset)
-                pending.clear()
-                size = 0
-                self._report(download, offset)
-                if download.stop.is_set():
-                    raise Stopped
-        if pending:
-            offset += _write(download.fd, pending, offset)
-            self._report(download, offset)
-        return offset
+        try:
+            for chunk in response.iter_raw():
+                if download.written == 0 and size == 0 and not chunk.startswith(GGUF_MAGIC[: len(chunk)]):
+                    raise Corrupt(f"model {download.name!r}: router sent a file that is not GGUF "
+                                  f"(starts with {chunk[:8]!r})")
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= WRITE_CHUNK:
+                    self._flush(download, pending)
+                    size = 0
+                    if download.stop.is_set():
+                        raise Stopped
+        finally:
+            if pending:
+                self._flush(download, pending)
+
+    def _flush(self, download: Download, pending: list[bytes]) -> None:
+        download.written += _write(download.fd, pending, download.written)
+        pending.clear()
+        self._report(download, download.written)
 
     def _verify(self, download: Download) -> None:
         """The last gate before a file becomes a model: length, magic, digest."""
@@ -278,14 +298,10 @@ class Fetcher:
         if total is not None and size != total:
             raise Failure(errno.EIO, f"model {download.name!r}: got {size} bytes, router promised {total}")
         if os.pread(download.fd, 4, 0) != GGUF_MAGIC:
-            self.store.discard_partial(download.name)
-            raise Failure(errno.EIO, f"model {download.name!r}: router sent a file that is not GGUF "
-                          "(bad magic); discarded")
+            raise Corrupt(f"model {download.name!r}: router sent a file that is not GGUF (bad magic)")
         digest = sidecar.get("digest")
         if digest and _sha256(download.fd) != digest:
-            self.store.discard_partial(download.name)
-            raise Failure(errno.EIO, f"model {download.name!r}: SHA-256 differs from the router's digest; "
-                          "discarded")
+            raise Corrupt(f"model {download.name!r}: SHA-256 differs from the router's digest")
 
 
 def _write(fd: int, chunks: list[bytes], offset: int) -> int:

@@ -54,6 +54,8 @@ class Resolver:
         self.started_ns = time.time_ns()
         self._misses: TTLCache[str, str] = TTLCache(maxsize=65536, ttl=config.negative_cache_ttl)
         self._router_list: TTLCache[str, dict[str, int]] = TTLCache(maxsize=1, ttl=config.router_list_ttl)
+        # What a HEAD said, so the open right after a lookup does not ask again.
+        self._heads: TTLCache[str, int] = TTLCache(maxsize=4096, ttl=config.negative_cache_ttl)
         self._identities: dict[str, tuple[int, int, int, int]] = {}
 
     def _local(self, name: str, found: layout.Found) -> Source:
@@ -98,6 +100,8 @@ class Resolver:
         listed = self._router_list.get("models", {}).get(name, -1)
         if listed > 0:
             return self._router_source(name, listed)
+        if name in self._heads:
+            return self._router_source(name, self._heads[name])
         try:
             remote = await self.router.head(name)
         except NotFound:
@@ -106,6 +110,7 @@ class Resolver:
         except RouterError as exc:
             log.error("cannot resolve %s: no router answered: %s", name, exc)
             raise Failure(errno.EIO, f"no router answered for {name!r}: {exc}") from None
+        self._heads[name] = remote.size
         return self._router_source(name, remote.size)
 
     def _router_source(self, name: str, size: int, download: Download | None = None) -> Source:

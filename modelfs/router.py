@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
+import trio
 
 from . import names
 from .config import Config
@@ -100,7 +101,17 @@ class Router:
         return target
 
     async def head(self, name: str) -> RemoteModel:
-        """The size of `name` on the first router that has it. NotFound or RouterError otherwise."""
+        """The size of `name` on the first router that has it. NotFound or RouterError otherwise.
+
+        A failure of every router is tried once more after a short pause: one blip must not fail an open.
+        """
+        try:
+            return await self._head(name)
+        except RouterError:
+            await trio.sleep(0.2)
+            return await self._head(name)
+
+    async def _head(self, name: str) -> RemoteModel:
         errors: list[str] = []
         for base in self.urls:
             url = self.blob_url(base, name)

@@ -41,8 +41,9 @@ class Mount:
         self.args = args
         self.log = log
         self.env = env
-        # The kernel drops a FUSE_RELEASE that is still queued when the mount goes away; libfuse then cannot reply.
-        self.expected_errors: list[str] = ["fuse_release(): fuse_reply_* failed with No such file or directory"]
+        # When the mount goes away (or a reader is killed) the kernel drops requests still in flight, such as
+        # read-ahead waiting on a download or a queued FUSE_RELEASE; libfuse then cannot reply to them.
+        self.expected_errors: list[str] = ["fuse_reply_* failed with No such file or directory"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Mount:
@@ -142,3 +143,32 @@ def write_model(root: Path, name: str, data: bytes, flat: bool = False) -> Path:
 def gguf_bytes(size: int, seed: int = 0) -> bytes:
     """Bytes that start with the GGUF magic (enough for tests that only compare bytes)."""
     return b"GGUF" + os.urandom(size - 4) if seed == 0 else b"GGUF" + bytes((seed + i) % 251 for i in range(size - 4))
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Iterator[object]:
+    """`router(flavour="llmlb", **kw)` → a running test router serving `tmp_path/routerN` (llmlb layout)."""
+    from router_server import RouterProcess
+
+    routers: list[RouterProcess] = []
+
+    def start(flavour: str = "llmlb", **kwargs: object) -> RouterProcess:
+        models = tmp_path / f"router{len(routers)}"
+        models.mkdir(exist_ok=True)
+        r = RouterProcess(models, flavour=flavour, **kwargs)
+        r.models_dir = models  # type: ignore[attr-defined]
+        routers.append(r)
+        return r
+
+    yield start
+    for r in routers:
+        r.stop()
+
+
+def wait_for(predicate: object, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll until `predicate()` is true; fail the test with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)

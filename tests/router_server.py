@@ -107,6 +107,7 @@ class Faults:
     list_status: int | None = None
     list_hang: bool = False
     models: list[str] | None = None
+    headers: dict[str, str] | None = None  # extra blob response headers (e.g. a digest)
 
 
 FAULT_FIELDS = {f.name for f in dataclasses.fields(Faults)}
@@ -429,6 +430,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         size = st.st_size
         headers = {"Content-Type": "application/octet-stream",
                    "Content-Disposition": 'attachment; filename="model.gguf"'}
+        headers.update(self.server.faults.get("headers", name) or {})
         start, end, status = 0, size - 1, 200
         if self.server.flavour == "range":
             etag = f'"{size}-{st.st_mtime_ns}"'
