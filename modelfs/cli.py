@@ -62,6 +62,18 @@ def _parser() -> argparse.ArgumentParser:
 
     umount = commands.add_parser("umount", help="unmount modelfs (also clears a mount left by a crashed daemon)")
     umount.add_argument("mountpoint", type=Path)
+
+    status = commands.add_parser("status", help="what a running modelfs is doing: models, downloads, sources",
+                                 description="Reads the running daemon's state through its extended attributes.")
+    status.add_argument("mountpoint", type=Path, nargs="?", default=Path("/models"))
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    prefetch = commands.add_parser(
+        "prefetch", help="download models ahead of time through the running mount",
+        description="Opens each model through the mount, so it joins the same single download task as any "
+        "reader, and waits for it to complete, showing bytes, rate and ETA (no bar when not on a terminal).")
+    prefetch.add_argument("names", nargs="+", metavar="NAME", help="model name, e.g. org/model")
+    prefetch.add_argument("--mount", type=Path, default=Path("/models"), help="the modelfs mountpoint")
     return parser
 
 
@@ -181,5 +193,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"mount": cmd_mount, "umount": cmd_umount}
+    from .status import cmd_prefetch, cmd_status
+
+    commands = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status, "prefetch": cmd_prefetch}
     return commands[args.command](args)

@@ -70,7 +70,13 @@ class Download:
         self.started = time.monotonic()
         self.stop = threading.Event()
         self.written = 0  # the worker thread's own count; `progress` is the loop's copy of it
+        self.start_offset = 0  # where this run began (resumed downloads), for the rate
         self._changed = trio.Event()
+
+    def rate(self) -> float:
+        """Bytes per second since the download (re)started."""
+        elapsed = time.monotonic() - self.started
+        return max(self.progress - self.start_offset, 0) / elapsed if elapsed > 0 else 0.0
 
     def _update(self, progress: int | None = None, total: int | None = None) -> None:
         if progress is not None:
@@ -107,6 +113,7 @@ class Fetcher:
         self.router = router
         self.retries = retries
         self.downloads: dict[str, Download] = {}
+        self.failures: dict[str, str] = {}  # the last failure of each model, for status; cleared on success
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -136,6 +143,7 @@ class Fetcher:
             raise Failure(exc.errno or errno.EIO, f"cannot create {partial}: {exc.strerror}") from None
         download = Download(name, fd, size_hint)
         self.downloads[name] = download
+        self.failures.pop(name, None)
         self._nursery.start_soon(self._run, download)
         return download
 
@@ -146,6 +154,8 @@ class Fetcher:
             finished = True
         finally:
             del self.downloads[download.name]
+            if download.error is not None:
+                self.failures[download.name] = str(download.error)
             if finished:
                 os.close(download.fd)  # readers hold their own dup()s
             elif not download.done:
@@ -208,6 +218,7 @@ class Fetcher:
             have = self._restart(download, "partial download without sidecar")
         if have:
             log.info("resuming download of %s at byte %d", name, have)
+        download.start_offset = have
         fetched = 0
         failures = 0
         while True:
@@ -219,7 +230,9 @@ class Fetcher:
                 if sidecar.get("validator"):
                     headers["If-Range"] = sidecar["validator"]
             try:
+                origin = ""
                 with self.router.stream(name, headers) as response:
+                    origin = f"{response.url}: "
                     answer = parse_response(response)
                     if answer.start != 0 and answer.start != have:
                         raise RouterError(f"asked for byte {have}, got a body starting at {answer.start}")
@@ -246,11 +259,11 @@ class Fetcher:
             except (httpx.HTTPError, RouterError) as exc:
                 failures += 1
                 if failures > self.retries:
-                    raise Failure(errno.EIO, f"model {name!r}: {_describe(exc)} (gave up after "
+                    raise Failure(errno.EIO, f"{origin}{_describe(exc)} (gave up after "
                                   f"{failures} tries, {have} bytes kept for resume)") from None
                 delay = min(0.2 * 2 ** (failures - 1), 5.0)
-                log.warning("download of %s: %s at byte %d; retrying in %.1fs (try %d of %d)",
-                            name, _describe(exc), have, delay, failures + 1, self.retries + 1)
+                log.warning("download of %s: %s%s at byte %d; retrying in %.1fs (try %d of %d)",
+                            name, origin, _describe(exc), have, delay, failures + 1, self.retries + 1)
                 if download.stop.wait(delay):
                     raise Stopped from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -206,8 +207,8 @@ class ModelFS(pyfuse3.Operations):
 
     @translated
     async def release(self, fh: int) -> None:
-        _model, reader = self._files.pop(fh)
-        await reader.close()
+        model, reader = self._files.pop(fh)
+        await self.resolver.close(model, reader)
 
     # Extended attributes: what modelfs did, for `getfattr` and `modelfs status`.
 
@@ -217,10 +218,12 @@ class ModelFS(pyfuse3.Operations):
         if model is None:
             if path:
                 return {}
-            return {"user.modelfs.version": __version__.encode()}
+            status = {"version": __version__, **self.resolver.status()}
+            return {"user.modelfs.version": __version__.encode(),
+                    "user.modelfs.status": json.dumps(status).encode()}
         source = await self.resolver.resolve(model)
-        values = {"user.modelfs.source": source.kind.encode(), "user.modelfs.path": str(source.path).encode()}
-        return values
+        return {"user.modelfs.source": source.kind.encode(), "user.modelfs.path": str(source.path).encode(),
+                "user.modelfs.progress": (await self.resolver.progress(model)).encode()}
 
     @translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

@@ -24,7 +24,7 @@ from .fetcher import Download, Fetcher
 from .readers import DownloadReader, LocalReader, Reader, SharedReader
 from .router import NotFound, Router, RouterError
 from .shared import SharedDir, SharedUnavailable
-from .store import Store
+from .store import Store, StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Source:
 class Resolver:
     def __init__(self, config: Config, store: Store, shared: list[SharedDir], router: Router | None,
                  fetcher: Fetcher | None) -> None:
+        self.store_max_size = config.store_max_size
         self.store = store
         self.shared = shared
         self.router = router
@@ -57,6 +58,7 @@ class Resolver:
         # What a HEAD said, so the open right after a lookup does not ask again.
         self._heads: TTLCache[str, int] = TTLCache(maxsize=4096, ttl=config.negative_cache_ttl)
         self._identities: dict[str, tuple[int, int, int, int]] = {}
+        self._open: dict[str, int] = {}  # open handles per model: those are never evicted
 
     def _local(self, name: str, found: layout.Found) -> Source:
         return Source(LOCAL, name, found.path, found.st.st_size, found.st.st_mtime_ns)
@@ -175,12 +177,26 @@ class Resolver:
 
     async def open(self, name: str) -> tuple[Reader, bool]:
         """A reader for model `name`, and whether the kernel may keep its cached pages (file unchanged)."""
+        reader, keep_cache = await self._open_source(name)
+        self._open[name] = self._open.get(name, 0) + 1
+        return reader, keep_cache
+
+    async def close(self, name: str, reader: Reader) -> None:
+        count = self._open.get(name, 1) - 1
+        if count:
+            self._open[name] = count
+        else:
+            self._open.pop(name, None)
+        await reader.close()
+
+    async def _open_source(self, name: str) -> tuple[Reader, bool]:
         source = await self.resolve(name)
         reader: Reader
         if source.kind == LOCAL:
             fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
             reader = LocalReader(fd, str(source.path))
             st = os.fstat(fd)
+            self.store.touch(name)
         elif source.kind == SHARED:
             assert source.shared is not None
             try:
@@ -189,9 +205,11 @@ class Resolver:
                 st = await source.shared.call(os.fstat, fd)
             except SharedUnavailable:
                 # The directory died between lookup and open: resolve again, which now skips it.
-                return await self.open(name)
+                return await self._open_source(name)
         else:
             assert self.fetcher is not None
+            if source.download is None and self.store_max_size and source.size:
+                self._make_room(name, source.size)
             download = self.fetcher.start(name, source.size or None)
             log.info("open %s: downloading from router into %s", name, self.store.final_path(name))
             return DownloadReader(os.dup(download.fd), str(self.store.partial_path(name)), download), False
@@ -201,5 +219,45 @@ class Resolver:
         log.info("open %s: %s %s%s", name, source.kind, source.path, "" if keep_cache else " (page cache renewed)")
         return reader, keep_cache
 
-    def forget_miss(self, name: str) -> None:
-        self._misses.pop(name, None)
+    def _make_room(self, name: str, size: int) -> None:
+        assert self.store_max_size and self.fetcher is not None
+        busy = set(self._open) | set(self.fetcher.downloads) | {name}
+        try:
+            self.store.make_room(size, self.store_max_size, busy)
+        except StoreFull as exc:
+            log.error("cannot download %s (%d bytes): %s", name, size, exc)
+            raise Failure(errno.ENOSPC, str(exc)) from None
+
+    async def progress(self, name: str) -> str:
+        """A model's download state, for the `user.modelfs.progress` xattr and `modelfs status`."""
+        download = self.fetcher.downloads.get(name) if self.fetcher else None
+        if download is not None:
+            total = download.total or 0
+            percent = f"{100 * download.progress / total:.1f}% " if total else ""
+            return (f"downloading {percent}({download.progress}/{total or '?'} bytes) at "
+                    f"{download.rate() / 1e6:.1f} MB/s")
+        source = await self.resolve(name)
+        if source.kind != ROUTER:
+            return "complete"
+        failure = self.fetcher.failures.get(name) if self.fetcher else None
+        if failure:
+            return f"failed: {failure}"
+        try:
+            return f"partial {self.store.partial_path(name).stat().st_size}/{source.size} bytes"
+        except OSError:
+            return "not downloaded"
+
+    def status(self) -> dict[str, object]:
+        """The daemon's state, for the root's `user.modelfs.status` xattr (JSON) and `modelfs status`."""
+        downloads = self.fetcher.downloads if self.fetcher else {}
+        return {
+            "store": {"path": str(self.store.root), "usage_bytes": self.store.usage(),
+                      "max_bytes": self.store_max_size},
+            "shared": [{"path": str(d.root), "available": d.available, "reason": d.reason} for d in self.shared],
+            "routers": [{"url": r.url, "last_status": r.last_status, "last_time": r.last_time}
+                        for r in (self.router.states.values() if self.router else ())],
+            "downloads": {name: {"bytes": d.progress, "total": d.total, "rate": d.rate()}
+                          for name, d in downloads.items()},
+            "failures": dict(self.fetcher.failures) if self.fetcher else {},
+            "open": dict(self._open),
+        }

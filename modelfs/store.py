@@ -21,10 +21,16 @@ log = logging.getLogger(__name__)
 
 PARTIAL = ".model.gguf.partial"
 SIDECAR = ".model.gguf.partial.json"
+#: Marks a model modelfs downloaded (only those may be evicted); its mtime is the model's last use.
+DOWNLOADED = ".modelfs-downloaded"
 
 
 class StoreError(Exception):
     """The store cannot be used (missing, not writable); the message says why."""
+
+
+class StoreFull(Exception):
+    """The store quota cannot make room for a download; the message says how much is pinned."""
 
 
 class Store:
@@ -105,7 +111,56 @@ class Store:
             self.sidecar_path(name).unlink()
         except FileNotFoundError:
             pass
+        (final.parent / DOWNLOADED).touch()
         return final
+
+    def touch(self, name: str) -> None:
+        """Record a use of a downloaded model, for least-recently-used eviction."""
+        try:
+            os.utime(self.root / names.validate(name) / DOWNLOADED)
+        except OSError:
+            pass  # not downloaded by modelfs: never evicted, nothing to record
+
+    def downloaded(self) -> list[tuple[float, str, int]]:
+        """(last use, name, bytes) of every complete model modelfs downloaded, least recently used first."""
+        found = []
+        for marker in self.root.rglob(DOWNLOADED):
+            model = marker.parent / names.MODEL_FILE
+            try:
+                name = names.validate(marker.parent.relative_to(self.root).as_posix())
+                found.append((marker.stat().st_mtime, name, model.stat().st_blocks * 512))
+            except (OSError, names.InvalidName):
+                continue
+        return sorted(found)
+
+    def make_room(self, needed: int, limit: int, busy: set[str]) -> list[str]:
+        """Evict least-recently-used downloaded models not in `busy` until `needed` more bytes fit in `limit`.
+
+        Never touches models an admin placed by hand (no marker) or partial downloads. Raises StoreFull if even
+        evicting everything allowed would not make room; then nothing is evicted.
+        """
+        usage = self.usage()
+        if usage + needed <= limit:
+            return []
+        victims: list[tuple[str, int]] = []
+        freed = 0
+        for _used, name, size in self.downloaded():
+            if name in busy:
+                continue
+            victims.append((name, size))
+            freed += size
+            if usage - freed + needed <= limit:
+                break
+        else:
+            raise StoreFull(f"store {self.root} quota {limit} bytes: {usage} used, {needed} needed, only {freed} "
+                            "evictable (models in use, placed by hand, or partial)")
+        for name, size in victims:
+            model_dir = self.root / name
+            for path in (model_dir / names.MODEL_FILE, model_dir / DOWNLOADED):
+                self._unlink(path)
+            log.info("evicted %s (%d bytes, least recently used) to keep store %s under %d bytes",
+                     name, size, self.root, limit)
+        return [name for name, _ in victims]
 
     def usage(self) -> int:
         """Bytes of model files and partial downloads in the store."""

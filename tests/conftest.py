@@ -108,8 +108,11 @@ def dirs(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
-def mount(dirs: dict[str, Path], tmp_path: Path) -> Iterator[object]:
-    """`mount(*args, mountpoint=None, store=None)` → a started Mount; all are stopped and checked at teardown."""
+def mount(dirs: dict[str, Path], tmp_path: Path, router: object) -> Iterator[object]:
+    """`mount(*args, mountpoint=None, store=None)` → a started Mount; all are stopped and checked at teardown.
+
+    Depends on `router` so that routers outlive the mounts that use them.
+    """
     reason = fuse_missing()
     if reason:
         pytest.skip(reason)

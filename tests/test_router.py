@@ -34,7 +34,8 @@ def test_router_only_model_is_listed_stat_without_download_then_streamed(mount, 
     final = dirs["store"] / "org" / "remote" / "model.gguf"
     wait_for(final.exists, what="promotion into the store")
     assert final.read_bytes() == data
-    assert sorted(p.name for p in final.parent.iterdir()) == ["model.gguf"]  # no partial or sidecar left
+    # No partial or sidecar left; a marker says modelfs downloaded it (only such models may be evicted).
+    assert sorted(p.name for p in final.parent.iterdir()) == [".modelfs-downloaded", "model.gguf"]
     assert os.getxattr(m.model("org/remote"), "user.modelfs.source") == b"local"
     assert r.blob_gets("org/remote") == 1 and r.bytes_sent("org/remote") == len(data)
     requests = blob_requests(r, "org/remote")
