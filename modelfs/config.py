@@ -45,6 +45,8 @@ class Config:
     negative_cache_ttl: float = 2.0
     router_list_ttl: float = 10.0
     store_max_size: int | None = None
+    read_ahead_kb: int = 4096
+    drop_backing_cache: bool = True
     allow_other: bool = False
     debug: bool = False
 
@@ -143,6 +145,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "negative_cache_ttl": _positive_float,
     "router_list_ttl": _positive_float,
     "store_max_size": parse_size,
+    "read_ahead_kb": _count,
+    "drop_backing_cache": _bool,
     "allow_other": _bool,
     "debug": _bool,
 }

@@ -89,6 +89,29 @@ def check(config: Config, mountpoint: Path) -> None:
             raise MountError(f"shared directory {root} must be an absolute path")
 
 
+def set_read_ahead(mountpoint: Path, kb: int) -> None:
+    """Raise the mount's read-ahead so the kernel sends 1 MiB reads instead of 128 KiB ones (fewer round trips).
+
+    The device number comes from /proc/self/mountinfo: a stat of the mountpoint would wait on this very daemon.
+    """
+    if not kb:
+        return
+    device = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mountpoint) and " - fuse.modelfs " in line:
+                device = fields[2]
+    if device is None:
+        log.warning("cannot find %s in /proc/self/mountinfo; read-ahead left at the kernel default", mountpoint)
+        return
+    try:
+        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(str(kb))
+    except OSError as exc:
+        log.info("cannot set read-ahead of %s to %d KiB (%s); using the kernel default", mountpoint, kb,
+                 exc.strerror)
+
+
 def options(config: Config) -> set[str]:
     opts = {"fsname=modelfs", "subtype=modelfs", "ro", "default_permissions", "noatime"}
     if config.allow_other:
@@ -113,6 +136,7 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
              ", ".join(map(str, config.shared)) or "none", ", ".join(config.router) or "none")
     clean = False
     try:
+        set_read_ahead(mountpoint, config.read_ahead_kb)
         trio.run(_serve, shared, router, fetcher, ready)
         clean = True
     finally:

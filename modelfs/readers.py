@@ -26,54 +26,121 @@ class Reader(Protocol):
     async def close(self) -> None: ...
 
 
+_buffer = bytearray(1 << 20)
+
+
+def pread_shared(fd: int, size: int, offset: int) -> memoryview:
+    """`pread` into one buffer reused by every read on the trio loop.
+
+    A fresh 1 MiB bytes object per read costs an mmap and 256 page faults; reusing one buffer is safe because
+    pyfuse3 copies the result into its reply before the loop can run another task (no await in between).
+    """
+    global _buffer
+    if size > len(_buffer):
+        _buffer = bytearray(size)
+    view = memoryview(_buffer)
+    return view[: os.preadv(fd, [view[:size]], offset)]
+
+
+#: Backing pages this far behind the reader are dropped (the kernel has them in the mount's own page cache by then).
+DROP_LAG = 16 << 20
+
+
+class BackingCache:
+    """Drops the backing file's pages once they are served, so a model is cached once (in the mount), not twice.
+
+    Dropping the range just served frees nothing (the pages are still referenced then); a lag of a few MiB
+    behind the furthest offset read, plus what this handle read at close, does.
+    """
+
+    def __init__(self, fd: int, enabled: bool) -> None:
+        self.fd = fd
+        self.enabled = enabled
+        self.start = -1  # the range this handle has read: [start, end)
+        self.end = 0
+        self.dropped = 0  # pages before this offset were dropped
+
+    def served(self, offset: int, end: int) -> None:
+        if not self.enabled:
+            return
+        if self.start < 0:
+            self.start = self.dropped = offset
+        self.start = min(self.start, offset)
+        self.end = max(self.end, end)
+        upto = self.end - DROP_LAG
+        if upto - self.dropped >= DROP_LAG:
+            os.posix_fadvise(self.fd, self.dropped, upto - self.dropped, os.POSIX_FADV_DONTNEED)
+            self.dropped = upto
+
+    def close(self) -> None:
+        if self.enabled and self.start >= 0:
+            os.posix_fadvise(self.fd, self.start, self.end - self.start, os.POSIX_FADV_DONTNEED)
+
+
 class LocalReader:
     source = "local"
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, fd: int, path: str, drop_cache: bool = True) -> None:
         self.fd = fd
         self.path = path
+        self.cache = BackingCache(fd, drop_cache)
 
-    async def read(self, offset: int, size: int) -> bytes:
-        return os.pread(self.fd, size, offset)
+    async def read(self, offset: int, size: int) -> memoryview:
+        data = pread_shared(self.fd, size, offset)
+        self.cache.served(offset, offset + len(data))
+        return data
 
     async def close(self) -> None:
+        self.cache.close()
         os.close(self.fd)
 
 
 class SharedReader:
     source = "shared"
 
-    def __init__(self, fd: int, path: str, shared: SharedDir) -> None:
+    def __init__(self, fd: int, path: str, shared: SharedDir, drop_cache: bool = True) -> None:
         self.fd = fd
         self.path = path
         self.shared = shared
+        self.cache = BackingCache(fd, drop_cache)
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        """Runs in a worker thread: even dropping pages may block on a hung network filesystem."""
+        data = os.pread(self.fd, size, offset)
+        self.cache.served(offset, offset + len(data))
+        return data
 
     async def read(self, offset: int, size: int) -> bytes:
         try:
-            return await self.shared.call(os.pread, self.fd, size, offset)
+            return await self.shared.call(self._pread, size, offset)
         except SharedUnavailable as exc:
             raise Failure(errno.EIO, f"shared directory {self.shared.root} unavailable: {exc}") from None
 
     async def close(self) -> None:
-        await self.shared.close(self.fd)
+        await self.shared.close(self.fd, before=self.cache.close)
 
 
 class DownloadReader:
     source = "router"
 
-    def __init__(self, fd: int, path: str, download: Download) -> None:
+    def __init__(self, fd: int, path: str, download: Download, drop_cache: bool = True) -> None:
         self.fd = fd
         self.path = path
         self.download = download
+        self.cache = BackingCache(fd, drop_cache)
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> memoryview:
         end = offset + size
         total = self.download.total
         if total is not None:
             end = min(end, total)
         if end > offset:
             await self.download.wait_for(end)
-        return os.pread(self.fd, size, offset)
+        data = pread_shared(self.fd, size, offset)
+        if self.download.done:  # pages of a file still being written are dirty: nothing to drop yet
+            self.cache.served(offset, offset + len(data))
+        return data
 
     async def close(self) -> None:
+        self.cache.close()
         os.close(self.fd)

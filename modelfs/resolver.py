@@ -48,6 +48,7 @@ class Resolver:
     def __init__(self, config: Config, store: Store, shared: list[SharedDir], router: Router | None,
                  fetcher: Fetcher | None) -> None:
         self.store_max_size = config.store_max_size
+        self.drop_cache = config.drop_backing_cache
         self.store = store
         self.shared = shared
         self.router = router
@@ -194,14 +195,14 @@ class Resolver:
         reader: Reader
         if source.kind == LOCAL:
             fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
-            reader = LocalReader(fd, str(source.path))
+            reader = LocalReader(fd, str(source.path), self.drop_cache)
             st = os.fstat(fd)
             self.store.touch(name)
         elif source.kind == SHARED:
             assert source.shared is not None
             try:
                 fd = await source.shared.call(os.open, source.path, os.O_RDONLY | os.O_CLOEXEC)
-                reader = SharedReader(fd, str(source.path), source.shared)
+                reader = SharedReader(fd, str(source.path), source.shared, self.drop_cache)
                 st = await source.shared.call(os.fstat, fd)
             except SharedUnavailable:
                 # The directory died between lookup and open: resolve again, which now skips it.
@@ -212,7 +213,9 @@ class Resolver:
                 self._make_room(name, source.size)
             download = self.fetcher.start(name, source.size or None)
             log.info("open %s: downloading from router into %s", name, self.store.final_path(name))
-            return DownloadReader(os.dup(download.fd), str(self.store.partial_path(name)), download), False
+            reader = DownloadReader(os.dup(download.fd), str(self.store.partial_path(name)), download,
+                                    self.drop_cache)
+            return reader, False
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         keep_cache = self._identities.get(name) == identity
         self._identities[name] = identity
@@ -231,6 +234,8 @@ class Resolver:
     async def progress(self, name: str) -> str:
         """A model's download state, for the `user.modelfs.progress` xattr and `modelfs status`."""
         download = self.fetcher.downloads.get(name) if self.fetcher else None
+        if download is not None and download.error is not None:
+            return f"failed: {download.error}"
         if download is not None:
             total = download.total or 0
             percent = f"{100 * download.progress / total:.1f}% " if total else ""

@@ -68,11 +68,18 @@ class SharedDir:
         self.mark_down(f"no answer within {limit:g}s")
         raise SharedUnavailable(self.reason)
 
-    async def close(self, fd: int) -> None:
+    async def close(self, fd: int, before: Callable[[], None] = lambda: None) -> None:
         """Close a file of this directory without ever blocking the loop; a hung close leaks the fd, no more."""
+
+        def close() -> None:
+            try:
+                before()
+            finally:
+                os.close(fd)
+
         with trio.move_on_after(self.timeout):
             try:
-                await trio.to_thread.run_sync(os.close, fd, abandon_on_cancel=True, limiter=self._limiter)
+                await trio.to_thread.run_sync(close, abandon_on_cancel=True, limiter=self._limiter)
             except OSError:
                 pass
             return
