@@ -29,6 +29,7 @@ from .store import Store, StoreFull
 log = logging.getLogger(__name__)
 
 LOCAL, SHARED, ROUTER = "local", "shared", "router"
+STABLE_AFTER_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class Resolver:
         self._router_list: TTLCache[str, dict[str, int]] = TTLCache(maxsize=1, ttl=config.router_list_ttl)
         # What a HEAD said, so the open right after a lookup does not ask again.
         self._heads: TTLCache[str, int] = TTLCache(maxsize=4096, ttl=config.negative_cache_ttl)
-        self._identities: dict[str, tuple[int, int, int, int]] = {}
+        # Per model: the backing file's identity at the last open, and whether it was old enough to trust.
+        self._identities: dict[str, tuple[tuple[int, int, int, int], bool]] = {}
         self._open: dict[str, int] = {}  # open handles per model: those are never evicted
 
     def _local(self, name: str, found: layout.Found) -> Source:
@@ -217,8 +219,12 @@ class Resolver:
                                     self.drop_cache)
             return reader, False
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        keep_cache = self._identities.get(name) == identity
-        self._identities[name] = identity
+        keep_cache = self._identities.get(name) == (identity, True)
+        # A file changed within the last seconds may change again without its identity showing it (network
+        # filesystems with whole-second mtimes and path-based inode numbers, like sshfs): trust it only once it
+        # has been left alone for longer than any mtime granularity ("racily clean", as git calls it).
+        settled = time.time_ns() - st.st_mtime_ns > STABLE_AFTER_NS
+        self._identities[name] = (identity, settled)
         log.info("open %s: %s %s%s", name, source.kind, source.path, "" if keep_cache else " (page cache renewed)")
         return reader, keep_cache
 
