@@ -91,7 +91,8 @@ class Resolver:
         if source is not None:
             return source
         message = f"model {name!r} not found; looked in: " + ", ".join(looked)
-        self._misses[name] = message
+        if not any("skipped" in place for place in looked):  # a dir coming back must show its models at once
+            self._misses[name] = message
         log.info("%s", message)
         raise not_found(message)
 

@@ -48,6 +48,7 @@ class SharedDir:
         self.reason = ""
         self._limiter = trio.CapacityLimiter(THREADS_PER_DIR)
         self._probing = False
+        self._waiting: set[trio.CancelScope] = set()  # calls in flight, released at once when the dir goes down
 
     def __repr__(self) -> str:
         return f"SharedDir({str(self.root)!r}, available={self.available})"
@@ -57,7 +58,8 @@ class SharedDir:
         if not self.available:
             raise SharedUnavailable(self.reason)
         limit = self.timeout if timeout is None else timeout
-        with trio.move_on_after(limit):
+        with trio.move_on_after(limit) as scope:
+            self._waiting.add(scope)
             try:
                 return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=self._limiter)
             except OSError as exc:
@@ -65,7 +67,10 @@ class SharedDir:
                     self.mark_down(f"{os.strerror(exc.errno)}")
                     raise SharedUnavailable(self.reason) from exc
                 raise
-        self.mark_down(f"no answer within {limit:g}s")
+            finally:
+                self._waiting.discard(scope)
+        if self.available:  # our own timeout, not another call's or the prober's verdict
+            self.mark_down(f"no answer within {limit:g}s")
         raise SharedUnavailable(self.reason)
 
     async def close(self, fd: int, before: Callable[[], None] = lambda: None) -> None:
@@ -86,10 +91,13 @@ class SharedDir:
         log.debug("close of fd %d on %s did not return within %gs", fd, self.root, self.timeout)
 
     def mark_down(self, reason: str) -> None:
+        """Skip this directory from now on, and release every call still waiting on it."""
         if self.available:
             log.warning("shared directory %s unavailable (%s); skipping it until it answers again", self.root, reason)
-        self.available = False
-        self.reason = reason
+            self.available = False
+            self.reason = reason
+            for scope in self._waiting:
+                scope.cancel()
 
     async def find(self, name: str) -> layout.Found | None:
         return await self.call(layout.locate, self.root, name)

@@ -101,6 +101,7 @@ class Store:
         """Make a verified partial download the model: fsync, atomic rename, fsync the directory."""
         os.fsync(fd)
         final = self.final_path(name)
+        (final.parent / DOWNLOADED).touch()  # before the rename: a model in the store is never without it
         os.replace(self.partial_path(name), final)
         dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -111,7 +112,6 @@ class Store:
             self.sidecar_path(name).unlink()
         except FileNotFoundError:
             pass
-        (final.parent / DOWNLOADED).touch()
         return final
 
     def touch(self, name: str) -> None:
