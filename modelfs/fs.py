@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -42,7 +42,7 @@ def errno_of(exc: BaseException) -> int:
     return err if isinstance(err, int) and err > 0 else errno.EIO
 
 
-def translated(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def translated(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Turn any failure of a handler into a FUSEError, logging the unexpected ones."""
 
     @functools.wraps(handler)
@@ -202,7 +202,7 @@ class ModelFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     @translated
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         return await self._files[fh][1].read(off, size)
 
     @translated
@@ -246,5 +246,5 @@ class ModelFS(pyfuse3.Operations):
         return data
 
     # Everything that would change the namespace or a file.
-    setattr = create = mknod = mkdir = symlink = link = unlink = rmdir = rename = write = read_only  # type: ignore
-    setxattr = removexattr = read_only  # type: ignore
+    setattr = create = mknod = mkdir = symlink = link = unlink = rmdir = rename = write = read_only
+    setxattr = removexattr = read_only

@@ -99,7 +99,7 @@ class Router:
         location = response.headers.get("location")
         if not location:
             raise RouterError(f"{response.url}: redirect {response.status_code} without Location")
-        target = urljoin(str(response.url), location)
+        target: str = urljoin(str(response.url), str(location))
         if _origin(target) not in self._origins:
             raise RouterError(
                 f"{response.url}: refusing redirect to {target}: modelfs contacts only the configured routers"

@@ -109,7 +109,7 @@ def tensors_equal(path_a: str | os.PathLike[str], path_b: str | os.PathLike[str]
     tb = gguf.GGUFReader(path_b).tensors
     if len(ta) != len(tb):
         return False
-    for a, b in zip(ta, tb):
+    for a, b in zip(ta, tb, strict=True):
         if (a.name, a.tensor_type, list(a.shape)) != (b.name, b.tensor_type, list(b.shape)):
             return False
         if not np.array_equal(a.data.view(np.uint8), b.data.view(np.uint8)):

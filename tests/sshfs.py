@@ -14,8 +14,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from types import TracebackType
-from typing import IO, Sequence
+from typing import IO
 
 SSHD = "/usr/sbin/sshd"
 START_TIMEOUT = 10.0

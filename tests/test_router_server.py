@@ -14,7 +14,6 @@ import gguf
 import httpx
 import numpy as np
 import pytest
-
 from ggufmaker import make_gguf, make_gguf_of_size, read_tensors, tensors_equal, tensors_match
 from router_server import RouterProcess
 

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from sshfs import Sshd, SshfsMount, sshfs_available
 
 _REASON = sshfs_available()
