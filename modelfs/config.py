@@ -122,6 +122,8 @@ def parse_size(value: Any) -> int | None:
     """`200G`, `1.5T`, `500M`, a plain byte count, or 0/"" for no limit. Units are binary (G = GiB)."""
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
+    elif str(value).strip() == "":
+        return None
     else:
         match = _SIZE.fullmatch(str(value).strip())
         if not match:

@@ -50,9 +50,9 @@ def sd_notify(message: str) -> None:
 
 
 def is_stale(mountpoint: Path) -> bool:
-    """A mountpoint left behind by a dead FUSE daemon answers ENOTCONN."""
+    """A mountpoint left behind by a dead FUSE daemon answers ENOTCONN (statfs: the kernel never caches it)."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
