@@ -342,3 +342,20 @@ def test_model_on_a_hung_shared_dir_is_downloaded_from_the_router(mount, router,
         assert r.blob_gets("both") == 1
         assert elapsed < 5  # waited on the dead server at most about its timeout, not forever
         assert "unavailable" in m.log_text()
+
+
+def test_standard_proxy_variables_are_honoured(mount, router, tmp_path):
+    r, proxy = router(), router()  # the second stands in for a forward proxy (it answers absolute-form requests)
+    data = gguf_bytes(MB)
+    write_model(r.models_dir, "via", data)
+    write_model(proxy.models_dir, "via", data)
+    m = mount("--router", r.url, env={"HTTP_PROXY": proxy.url, "NO_PROXY": ""})
+    assert m.model("via").read_bytes() == data
+    assert r.stats()["requests"] == []
+    paths = {q["path"] for q in proxy.stats()["requests"]}
+    assert f"{r.url}/v0/models/blob/via" in paths  # asked for the router's URL, through the proxy
+    m.stop()
+    direct = mount("--router", r.url, env={"HTTP_PROXY": proxy.url, "NO_PROXY": "127.0.0.1"},
+                   store=tmp_path / "store2")
+    assert direct.model("via").read_bytes() == data
+    assert r.blob_gets("via") == 1
