@@ -215,16 +215,20 @@ class Resolver:
             if source.download is None and self.store_max_size and source.size:
                 self._make_room(name, source.size)
             download = self.fetcher.start(name, source.size or None)
-            log.info("open %s: downloading from router into %s", name, self.store.final_path(name))
+            joining = source.download is not None
+            log.info("open %s: %s download from router into %s", name, "joining the" if joining else "starting a",
+                     self.store.final_path(name))
             reader = DownloadReader(os.dup(download.fd), str(self.store.partial_path(name)), download,
                                     self.drop_cache)
-            return reader, False
+            # Pages the kernel cached while this download ran are its bytes: keep them for those who join it.
+            return reader, joining
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         keep_cache = self._identities.get(name) == (identity, True)
-        # A file changed within the last seconds may change again without its identity showing it (network
+        # A shared file changed within the last seconds may change again without its identity showing it (network
         # filesystems with whole-second mtimes and path-based inode numbers, like sshfs): trust it only once it
-        # has been left alone for longer than any mtime granularity ("racily clean", as git calls it).
-        settled = time.time_ns() - st.st_mtime_ns > STABLE_AFTER_NS
+        # has been left alone for longer than any mtime granularity ("racily clean", as git calls it). The store
+        # is a local filesystem with nanosecond mtimes and real inode numbers.
+        settled = source.kind == LOCAL or time.time_ns() - st.st_mtime_ns > STABLE_AFTER_NS
         self._identities[name] = (identity, settled)
         log.info("open %s: %s %s%s", name, source.kind, source.path, "" if keep_cache else " (page cache renewed)")
         return reader, keep_cache
