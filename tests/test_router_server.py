@@ -352,6 +352,9 @@ def test_control_rejects_unknown_field_and_reset_clears(llmlb: RouterProcess) ->
         llmlb.control(no_such_fault=1)
     llmlb.control(status=500)
     httpx.get(llmlb.url + "/v0/models/blob/tiny")
+    deadline = time.monotonic() + 5  # the server counts the bytes just after the client has them
+    while llmlb.bytes_sent("tiny") == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
     llmlb.reset()
     assert llmlb.stats() == {"requests": [], "bytes_sent": {}, "blob_gets": {}}
     assert httpx.get(llmlb.url + "/v0/models/blob/tiny").status_code == 200
