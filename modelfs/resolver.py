@@ -7,6 +7,7 @@ an open file. The FUSE layer only asks.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -43,6 +44,7 @@ class Source:
     mtime_ns: int
     shared: SharedDir | None = None
     download: Download | None = None
+    skipped: tuple[str, ...] = ()  # unavailable shared directories passed over on the way here
 
 
 class Resolver:
@@ -89,7 +91,8 @@ class Resolver:
             looked.append(f"shared {shared.root}")
         source = await self._remote(name, looked)
         if source is not None:
-            return source
+            skipped = tuple(place for place in looked if "skipped" in place)
+            return dataclasses.replace(source, skipped=skipped) if skipped else source
         message = f"model {name!r} not found; looked in: " + ", ".join(looked)
         if not any("skipped" in place for place in looked):  # a dir coming back must show its models at once
             self._misses[name] = message
@@ -216,8 +219,9 @@ class Resolver:
                 self._make_room(name, source.size)
             download = self.fetcher.start(name, source.size or None)
             joining = source.download is not None
-            log.info("open %s: %s download from router into %s", name, "joining the" if joining else "starting a",
-                     self.store.final_path(name))
+            log.info("open %s: %s download from router into %s%s", name,
+                     "joining the" if joining else "starting a", self.store.final_path(name),
+                     f" (fallback: {'; '.join(source.skipped)})" if source.skipped else "")
             reader = DownloadReader(os.dup(download.fd), str(self.store.partial_path(name)), download,
                                     self.drop_cache)
             # Pages the kernel cached while this download ran are its bytes: keep them for those who join it.

@@ -342,6 +342,8 @@ def test_model_on_a_hung_shared_dir_is_downloaded_from_the_router(mount, router,
         assert r.blob_gets("both") == 1
         assert elapsed < 5  # waited on the dead server at most about its timeout, not forever
         assert "unavailable" in m.log_text()
+        fallback = [line for line in m.log_text().splitlines() if "open both" in line]
+        assert fallback and "fallback" in fallback[0] and str(tmp_path / "nfs") in fallback[0]
 
 
 def test_standard_proxy_variables_are_honoured(mount, router, tmp_path):
