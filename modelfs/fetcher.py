@@ -108,8 +108,10 @@ class Download:
 class Fetcher:
     """Owns every download in progress, at most one per model name."""
 
-    def __init__(self, store: Store, router: Router, retries: int) -> None:
+    def __init__(self, store: Store, router: Router, retries: int, mtime_ns: int) -> None:
         self.store = store
+        self.mtime_ns = mtime_ns  # what `stat` shows for a model until it is downloaded (the mount's start)
+        self.completed: set[str] = set()  # downloaded by this daemon, not opened from the store since
         self.router = router
         self.retries = retries
         self.downloads: dict[str, Download] = {}
@@ -152,6 +154,8 @@ class Fetcher:
         try:
             await trio.to_thread.run_sync(self._fetch, download, abandon_on_cancel=True)
             finished = True
+            if download.error is None:
+                self.completed.add(download.name)
         finally:
             del self.downloads[download.name]
             if download.error is not None:
@@ -177,7 +181,7 @@ class Fetcher:
         try:
             fetched = self._fetch_with_retries(download)
             self._verify(download)
-            path = self.store.promote(name, download.fd)
+            path = self.store.promote(name, download.fd, self.mtime_ns)
             seconds = time.monotonic() - began
             size = os.fstat(download.fd).st_size
             log.info("downloaded %s: %d bytes (%d fetched) in %.2fs, %.1f MB/s, into %s",

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def check(config: Config, mountpoint: Path) -> None:
 def set_read_ahead(mountpoint: Path, kb: int) -> None:
     """Raise the mount's read-ahead so the kernel sends 1 MiB reads instead of 128 KiB ones (fewer round trips).
 
-    The device number comes from /proc/self/mountinfo: a stat of the mountpoint would wait on this very daemon.
+    Must run after FUSE_INIT, whose reply sets the read-ahead again. The device number comes from
+    /proc/self/mountinfo.
     """
     if not kb:
         return
@@ -125,8 +127,9 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
     store = Store(config.store)
     shared = [SharedDir(root, config.shared_timeout) for root in config.shared]
     router = Router(config) if config.router else None
-    fetcher = Fetcher(store, router, config.retries) if router else None
-    resolver = Resolver(config, store, shared, router, fetcher)
+    started_ns = time.time_ns()
+    fetcher = Fetcher(store, router, config.retries, started_ns) if router else None
+    resolver = Resolver(config, store, shared, router, fetcher, started_ns)
     operations = ModelFS(resolver)
     try:
         pyfuse3.init(operations, str(mountpoint), options(config))
@@ -136,8 +139,7 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
              ", ".join(map(str, config.shared)) or "none", ", ".join(config.router) or "none")
     clean = False
     try:
-        set_read_ahead(mountpoint, config.read_ahead_kb)
-        trio.run(_serve, shared, router, fetcher, ready)
+        trio.run(_serve, mountpoint, config.read_ahead_kb, shared, router, fetcher, ready)
         clean = True
     finally:
         sd_notify("STOPPING=1")
@@ -145,23 +147,26 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
         log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
 
 
-async def _serve(shared: list[SharedDir], router: Router | None, fetcher: Fetcher | None,
-                 ready: Callable[[], None]) -> None:
+async def _serve(mountpoint: Path, read_ahead_kb: int, shared: list[SharedDir], router: Router | None,
+                 fetcher: Fetcher | None, ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         if fetcher is not None:
             await nursery.start(fetcher.run)
         for directory in shared:
             nursery.start_soon(directory.probe_forever)
         nursery.start_soon(_stop_on_signal)
-        nursery.start_soon(_announce, ready)
+        nursery.start_soon(_announce, mountpoint, read_ahead_kb, ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     if router is not None:
         await router.aclose()
 
 
-async def _announce(ready: Callable[[], None]) -> None:
-    await trio.sleep(0)  # let pyfuse3.main start its workers first
+async def _announce(mountpoint: Path, read_ahead_kb: int, ready: Callable[[], None]) -> None:
+    """Once the kernel has finished its handshake with us (a stat of the root is answered only after FUSE_INIT),
+    tune read-ahead (FUSE_INIT would reset it) and tell whoever waits that the mount is live."""
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    set_read_ahead(mountpoint, read_ahead_kb)
     ready()
     sd_notify("READY=1\nSTATUS=serving")
 

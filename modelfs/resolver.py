@@ -49,14 +49,14 @@ class Source:
 
 class Resolver:
     def __init__(self, config: Config, store: Store, shared: list[SharedDir], router: Router | None,
-                 fetcher: Fetcher | None) -> None:
+                 fetcher: Fetcher | None, started_ns: int | None = None) -> None:
         self.store_max_size = config.store_max_size
         self.drop_cache = config.drop_backing_cache
         self.store = store
         self.shared = shared
         self.router = router
         self.fetcher = fetcher
-        self.started_ns = time.time_ns()
+        self.started_ns = started_ns or time.time_ns()
         self._misses: TTLCache[str, str] = TTLCache(maxsize=65536, ttl=config.negative_cache_ttl)
         self._router_list: TTLCache[str, dict[str, int]] = TTLCache(maxsize=1, ttl=config.router_list_ttl)
         # What a HEAD said, so the open right after a lookup does not ask again.
@@ -228,6 +228,10 @@ class Resolver:
             return reader, joining
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         keep_cache = self._identities.get(name) == (identity, True)
+        if self.fetcher is not None and name in self.fetcher.completed:
+            # Downloaded by this daemon: every page the kernel cached came from this very file.
+            self.fetcher.completed.discard(name)
+            keep_cache = source.kind == LOCAL
         # A shared file changed within the last seconds may change again without its identity showing it (network
         # filesystems with whole-second mtimes and path-based inode numbers, like sshfs): trust it only once it
         # has been left alone for longer than any mtime granularity ("racily clean", as git calls it). The store

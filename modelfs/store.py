@@ -97,8 +97,12 @@ class Store:
             except OSError as exc:
                 log.warning("cannot remove %s: %s", path, exc.strerror)
 
-    def promote(self, name: str, fd: int) -> Path:
-        """Make a verified partial download the model: fsync, atomic rename, fsync the directory."""
+    def promote(self, name: str, fd: int, mtime_ns: int) -> Path:
+        """Make a verified partial download the model: fsync, atomic rename, fsync the directory.
+
+        The file gets the mtime the mount showed while it downloaded, so the kernel keeps the pages it cached.
+        """
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
         os.fsync(fd)
         final = self.final_path(name)
         (final.parent / DOWNLOADED).touch()  # before the rename: a model in the store is never without it

@@ -67,7 +67,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def bad_log_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if "Traceback" in line or " ERROR " in line or " CRITICAL " in line]
+    """ERRORs and tracebacks, less the benign libfuse line conftest.Mount explains (a reply to a dropped request)."""
+    return [line for line in text.splitlines()
+            if ("Traceback" in line or " ERROR " in line or " CRITICAL " in line)
+            and "fuse_reply_* failed with No such file or directory" not in line]
 
 
 def unit_settings(path: Path) -> dict[str, list[str]]:
@@ -334,7 +337,7 @@ def test_stale_mount_after_kill9_is_recovered_by_mount_and_by_umount(tmp_path, d
     first.proc.kill()  # SIGKILL, and nobody unmounts
     first.wait()
     with pytest.raises(OSError) as stale:
-        os.stat(dirs["mnt"])
+        os.statvfs(dirs["mnt"])  # statfs: never answered from the kernel's attribute cache
     assert stale.value.errno == errno.ENOTCONN
 
     # What Restart=on-failure does next: a new daemon on the same mountpoint clears it and serves.

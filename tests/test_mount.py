@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import gguf_bytes, write_model
@@ -253,3 +254,10 @@ def test_xattrs_with_getfattr(mount, dirs):
     m = mount()
     out = subprocess.run(["getfattr", "-d", str(m.model("llama"))], capture_output=True, text=True, check=True)
     assert 'user.modelfs.source="local"' in out.stdout
+
+
+def test_read_ahead_is_raised_after_the_handshake(mount, dirs):
+    m = mount()
+    with open("/proc/self/mountinfo") as f:
+        device = next(line.split()[2] for line in f if line.split()[4] == str(m.path))
+    assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() == "4096"

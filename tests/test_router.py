@@ -37,6 +37,10 @@ def test_router_only_model_is_listed_stat_without_download_then_streamed(mount, 
     # No partial or sidecar left; a marker says modelfs downloaded it (only such models may be evicted).
     assert sorted(p.name for p in final.parent.iterdir()) == [".modelfs-downloaded", "model.gguf"]
     assert os.getxattr(m.model("org/remote"), "user.modelfs.source") == b"local"
+    assert os.stat(m.model("org/remote")).st_mtime_ns == final.stat().st_mtime_ns  # what stat showed before
+    assert m.model("org/remote").read_bytes() == data
+    opens = [line for line in m.log_text().splitlines() if "open org/remote: local" in line]
+    assert opens and "renewed" not in opens[0]  # pages cached while downloading are kept
     assert r.blob_gets("org/remote") == 1 and r.bytes_sent("org/remote") == len(data)
     requests = blob_requests(r, "org/remote")
     assert requests[0]["path"] == "/v0/models/blob/org%2Fremote"

@@ -292,7 +292,9 @@ def test_dead_sshfs_enotconn_is_skipped_cleanly(mount, dirs, remote):
     assert listing["value"] == ["llama.gguf"]
     assert miss["errno"] == gone["errno"] == gone_dir["errno"] == 2
     warnings = unavailable_warnings(m.log_text(), dirs["shared"])
-    assert len(warnings) == 1 and "Transport endpoint is not connected" in warnings[0], m.log_text()
+    # ENOTCONN for new requests; a request in flight at the kill gets ECONNABORTED from the kernel instead.
+    reasons = ("Transport endpoint is not connected", "Software caused connection abort")
+    assert len(warnings) == 1 and any(reason in warnings[0] for reason in reasons), m.log_text()
     assert "Traceback" not in m.log_text()  # and the mount fixture fails on any ERROR line
 
 
