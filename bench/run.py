@@ -1,0 +1,720 @@
+"""modelfs benchmark: every case compares modelfs with the direct path in the same run and prints one table.
+
+    .venv/bin/python bench/run.py --size 1G [--size 8G] [--quick] [--cases warm,first,...] [--levers] [--profile]
+
+It creates its own GGUF files, router (the test router server, or nginx with --server nginx), sshd + sshfs and
+modelfs mounts in a work directory on the disk of the repository (removed at the end), runs each case as
+interleaved A/B repetitions (median reported) and never leaves a mount or a process behind. Root only (page
+cache control, FUSE, sshd). --levers adds experiments: modelfs with one change patched in (bench/levers.py) or
+a sysfs knob set, each against unmodified modelfs, interleaved. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from harness import (
+    MIB,
+    PYTHON,
+    ROOT,
+    Janitor,
+    Modelfs,
+    Nginx,
+    RssSampler,
+    cached_bytes,
+    cpu_seconds,
+    drop_caches,
+    make_gguf_of_size,
+    median,
+    prefault,
+    profile_summary,
+    rmtree,
+    spread,
+    sshfs_available,
+    start_router,
+    start_sshfs,
+    timed,
+    warm,
+)
+
+LOCAL = "bench/local"  # in the store: DIR/bench/local/model.gguf
+REMOTE = "bench/remote"  # only on the router (and on the sshfs share)
+PROBE = [PYTHON, str(ROOT / "bench" / "probe.py")]
+CASES = ("warm", "first", "sshfs", "fetch", "load", "readers", "mmap", "stat", "rss", "pagecache")
+
+Result = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Lever:
+    """A change to modelfs measured against the daemon as it is: patches (bench/levers.py), a read-ahead written
+    to the mount's sysfs bdi after mounting, and/or MODELFS_* settings."""
+
+    name: str
+    patches: tuple[str, ...] = ()
+    read_ahead_kb: int | None = None
+    settings: tuple[tuple[str, str], ...] = ()
+
+
+BASE = Lever("as is")
+LEVERS = {
+    "ra128": Lever("read_ahead_kb=128 (kernel default)", read_ahead_kb=128),
+    "ra1024": Lever("read_ahead_kb=1024", read_ahead_kb=1024),
+    "ra4096": Lever("read_ahead_kb=4096", read_ahead_kb=4096),
+    "keep_cache": Lever("keep_cache=True on every open", ("keep_cache",)),
+    "thread": Lever("local pread in trio.to_thread", ("thread",)),
+    "inline_shared": Lever("shared pread inline (no thread)", ("inline_shared",)),
+    "keep_backing": Lever("keep backing pages (no DONTNEED)", settings=(("MODELFS_DROP_BACKING_CACHE", "false"),)),
+    "httpx64k": Lever("httpcore 64 KiB socket reads", ("httpx64k",)),
+    "ra_fix": Lever("modelfs read-ahead set after FUSE_INIT", ("ra_fix",)),
+}
+#: (case, lever, metric, higher is better)
+EXPERIMENTS = [
+    ("first", "ra128", "MB/s", True),
+    ("first", "ra1024", "MB/s", True),
+    ("first", "ra4096", "MB/s", True),
+    ("first", "ra_fix", "MB/s", True),
+    ("first", "thread", "MB/s", True),
+    ("first", "keep_backing", "MB/s", True),
+    ("pagecache", "keep_backing", "ratio", False),
+    ("sshfs", "ra4096", "MB/s", True),
+    ("sshfs", "inline_shared", "MB/s", True),
+    ("fetch", "httpx64k", "MB/s", True),
+    ("fetch", "ra4096", "MB/s", True),
+    ("fetch", "keep_cache", "reread MB/s", True),
+    ("readers", "ra4096", "wall s", False),
+    ("readers", "ra_fix", "wall s", False),
+    ("readers", "keep_cache", "wall s", False),
+    ("mmap", "ra4096", "first MB/s", True),
+    ("load", "ra4096", "s", False),
+    ("load", "ra_fix", "s", False),
+]
+
+
+@dataclass
+class Row:
+    case: str
+    modelfs: str
+    direct: str
+    ratio: float | None
+    target: str
+    met: bool | None
+
+
+@dataclass
+class Bench:
+    size: int
+    reps: int
+    readers: int
+    missing: int
+    work: Path
+    janitor: Janitor
+    server: str
+    profile: bool
+    rows: list[Row] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+    rss: list[tuple[str, int]] = field(default_factory=list)
+    url: str = ""
+    counter: Callable[[], object] | None = None  # resets the router's byte counts
+    sent: Callable[[str], int] | None = None  # bytes the router sent for a model since the reset
+    sshfs_dir: Path | None = None
+    code: Path | None = None
+    read_ahead: set[int] = field(default_factory=set)
+
+    @property
+    def local(self) -> Path:
+        return self.work / "store" / LOCAL / "model.gguf"
+
+    @property
+    def remote(self) -> Path:
+        return self.work / "origin" / REMOTE / "model.gguf"
+
+    def mb_s(self, seconds: float) -> float:
+        return self.size / seconds / 1e6
+
+    def mount(self, lever: Lever, store: Path | None = None, args: tuple[str, ...] = (),
+              profile: str | None = None, trace: str | None = None) -> Modelfs:
+        out = self.work.parent
+        m = Modelfs(self.janitor, self.work / "mnt", store or self.work / "store", args, self.work / "modelfs.log",
+                    lever.patches, profile=out / f"profile-{profile}.txt" if profile else None,
+                    trace=out / f"trace-{trace}.json" if trace else None, settings=dict(lever.settings),
+                    code=self.code)
+        self.read_ahead.add(m.read_ahead_kb())
+        if lever.read_ahead_kb:
+            m.set_read_ahead_kb(lever.read_ahead_kb)
+        return m
+
+    def warm(self, path: Path) -> None:
+        """Make `path` fully cached right before a timed run (modelfs drops backing pages behind its readers, and
+        this VM's DAMON pages out idle page cache), and note if that failed."""
+        warm(path)
+        share = cached_bytes(path) / self.size
+        if share < 0.99:
+            self.note(f"warning: only {share:.0%} of {path.name} in the page cache before a warm run")
+
+    def note(self, line: str) -> None:
+        self.raw.append(line)
+        print(f"  {line}", flush=True)
+
+
+def interleave(b: Bench, runs: Sequence[Callable[[], Result]], reps: int) -> list[dict[str, list[float]]]:
+    """Run each function `reps` times, alternating the order every repetition (ABBA...); samples per key."""
+    samples: list[dict[str, list[float]]] = [{} for _ in runs]
+    for rep in range(reps):
+        order = list(range(len(runs)))
+        if rep % 2:
+            order.reverse()
+        for index in order:
+            for key, value in runs[index]().items():
+                samples[index].setdefault(key, []).append(value)
+    return samples
+
+
+def ratio_row(case: str, unit: str, mine: list[float], direct: list[float], target: float,
+              higher: bool = True) -> Row:
+    m, d = median(mine), median(direct)
+    ratio = m / d if d else float("nan")
+    met = ratio >= target if higher else ratio <= target
+    return Row(case, f"{m:.1f} {unit}", f"{d:.1f} {unit}", ratio, f"{'≥' if higher else '≤'} {target}×", met)
+
+
+# Cases. Each modelfs measurement starts its own daemon unless the case says otherwise; every run makes the
+# files it assumes cached fully cached right before it is timed, after pre-faulting the memory it will fill.
+
+
+def cat(path: Path) -> float:
+    return timed(["cat", str(path)])
+
+
+def wait_promoted(store: Path, timeout: float = 600) -> None:
+    """Wait until a download is verified, fsynced and renamed into `store`."""
+    final = store / REMOTE / "model.gguf"
+    deadline = time.monotonic() + timeout
+    while not final.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"download into {store} did not finish")
+        time.sleep(0.01)
+
+
+def case_warm(b: Bench) -> None:
+    m = b.mount(BASE)
+    try:
+        path = m.model(LOCAL)
+        cat(path)  # the first open renews the page cache; pages come from the daemon
+        cat(path)  # an open of an unchanged, settled file keeps it: from now on reads never reach the daemon
+        cpu = cpu_seconds(m.pid)
+
+        def direct() -> Result:
+            b.warm(b.local)  # the daemon may have dropped the backing pages behind its reads
+            return {"MB/s": b.mb_s(cat(b.local))}
+
+        mine, plain = interleave(b, [lambda: {"MB/s": b.mb_s(cat(path))}, direct], max(b.reps, 5))
+        cpu = cpu_seconds(m.pid) - cpu
+    finally:
+        m.stop()
+    b.note(f"warm read: modelfs MB/s {spread(mine['MB/s'], '{:.0f}')}, direct {spread(plain['MB/s'], '{:.0f}')}; "
+           f"daemon CPU during the warm reads {cpu:.2f}s (0 = served by the kernel's cache alone)")
+    b.rows.append(ratio_row("warm read (cat, caches warm)", "MB/s", mine["MB/s"], plain["MB/s"], 0.95))
+
+
+def first_read(b: Bench, lever: Lever, profile: str | None = None, trace: str | None = None) -> Result:
+    """A fresh mount reads the local model once; its backing file is in the page cache."""
+    m = b.mount(lever, profile=profile, trace=trace)
+    try:
+        prefault(b.size)
+        b.warm(b.local)
+        cpu = cpu_seconds(m.pid)
+        seconds = cat(m.model(LOCAL))
+        return {"MB/s": b.mb_s(seconds), "cpu s/GiB": (cpu_seconds(m.pid) - cpu) * (1 << 30) / b.size}
+    finally:
+        m.stop()
+
+
+def direct_read(b: Bench) -> Result:
+    prefault(b.size)
+    b.warm(b.local)
+    return {"MB/s": b.mb_s(cat(b.local))}
+
+
+def case_first(b: Bench) -> None:
+    mine, direct = interleave(b, [lambda: first_read(b, BASE), lambda: direct_read(b)], b.reps)
+    b.note(f"first read: modelfs MB/s {spread(mine['MB/s'], '{:.0f}')} (daemon CPU "
+           f"{spread(mine['cpu s/GiB'], '{:.2f}')} s/GiB), direct (page cache) {spread(direct['MB/s'], '{:.0f}')}")
+    b.rows.append(ratio_row("first read via fresh mount (backing cached)", "MB/s", mine["MB/s"], direct["MB/s"], 0.5))
+    if b.profile:
+        first_read(b, BASE, profile="first")
+        first_read(b, BASE, trace="first")
+        first_read(b, LEVERS["ra4096"], trace="first-ra4096")
+
+
+def sshfs_read(b: Bench, lever: Lever, profile: str | None = None) -> Result:
+    """A fresh mount whose only source is the sshfs share reads the model once."""
+    assert b.sshfs_dir is not None
+    m = b.mount(lever, b.work / "empty-store", ("--shared", str(b.sshfs_dir)), profile=profile)
+    try:
+        prefault(b.size)
+        b.warm(b.remote)  # what the sshfs server reads
+        cpu = cpu_seconds(m.pid)
+        seconds = cat(m.model(REMOTE))
+        return {"MB/s": b.mb_s(seconds), "cpu s/GiB": (cpu_seconds(m.pid) - cpu) * (1 << 30) / b.size}
+    finally:
+        m.stop()
+
+
+def ensure_sshfs(b: Bench) -> None:
+    if b.sshfs_dir is None:
+        b.sshfs_dir = b.work / "sshfs"
+        start_sshfs(b.janitor, b.work / "origin", b.sshfs_dir)
+
+
+def case_sshfs(b: Bench) -> None:
+    reason = sshfs_available()
+    if reason:
+        b.note(f"sshfs case skipped: {reason}")
+        b.rows.append(Row("shared dir (sshfs) read via mount", "skipped", "—", None, "≥ 0.9×", None))
+        return
+    ensure_sshfs(b)
+    assert b.sshfs_dir is not None
+    direct_path = b.sshfs_dir / REMOTE / "model.gguf"
+
+    def direct() -> Result:
+        prefault(b.size)
+        b.warm(b.remote)
+        return {"MB/s": b.mb_s(cat(direct_path))}
+
+    mine, plain = interleave(b, [lambda: sshfs_read(b, BASE), direct], b.reps)
+    b.note(f"sshfs read: modelfs MB/s {spread(mine['MB/s'], '{:.0f}')} (daemon CPU "
+           f"{spread(mine['cpu s/GiB'], '{:.2f}')} s/GiB), sshfs directly {spread(plain['MB/s'], '{:.0f}')} "
+           "(sshfs with direct_io and no caches, as in tests/sshfs.py; server file cached)")
+    b.rows.append(ratio_row("shared dir (sshfs) read via mount", "MB/s", mine["MB/s"], plain["MB/s"], 0.9))
+    if b.profile:
+        sshfs_read(b, BASE, profile="sshfs")
+
+
+def cold_fetch(b: Bench, lever: Lever, profile: str | None = None, trace: str | None = None) -> Result:
+    """Fresh store and mount; `cat` of the router-only model (open → last byte), then a second `cat`."""
+    store = b.work / "cold-store"
+    rmtree(store)
+    m = b.mount(lever, store, ("--router", b.url), profile=profile, trace=trace)
+    try:
+        prefault(2 * b.size)
+        b.warm(b.remote)  # the router serves from its page cache, for curl too
+        cpu = cpu_seconds(m.pid)
+        with RssSampler(m.pid) as rss:
+            seconds = cat(m.model(REMOTE))
+            wait_promoted(store)
+        cpu = cpu_seconds(m.pid) - cpu
+        b.rss.append((f"cold fetch ({lever.name})", max(rss.peak, m.peak_rss())))
+        prefault(b.size)
+        again = cat(m.model(REMOTE))
+        return {"MB/s": b.mb_s(seconds), "reread MB/s": b.mb_s(again), "cpu s/GiB": cpu * (1 << 30) / b.size}
+    finally:
+        m.stop()
+        os.sync()
+        rmtree(store)
+
+
+def curl_fetch(b: Bench) -> Result:
+    out = b.work / "curl.gguf"
+    prefault(2 * b.size)
+    b.warm(b.remote)
+    seconds = timed(["curl", "-sSf", "-o", str(out), f"{b.url}/v0/models/blob/{REMOTE}"])
+    os.sync()
+    out.unlink()
+    return {"MB/s": b.mb_s(seconds)}
+
+
+def case_fetch(b: Bench) -> None:
+    mine, curl = interleave(b, [lambda: cold_fetch(b, BASE), lambda: curl_fetch(b)], b.reps)
+    b.note(f"cold fetch: modelfs MB/s {spread(mine['MB/s'], '{:.0f}')} (daemon CPU "
+           f"{spread(mine['cpu s/GiB'], '{:.2f}')} s/GiB), curl -o {spread(curl['MB/s'], '{:.0f}')}; "
+           f"second cat right after the download {spread(mine['reread MB/s'], '{:.0f}')} MB/s")
+    b.rows.append(ratio_row("cold fetch: open → last byte (cat vs curl -o)", "MB/s", mine["MB/s"], curl["MB/s"], 0.9))
+    if b.profile:
+        cold_fetch(b, BASE, profile="fetch")
+        cold_fetch(b, BASE, trace="fetch")
+
+
+def probe(*args: str) -> dict[str, object]:
+    out = subprocess.run([*PROBE, *args], check=True, capture_output=True, text=True).stdout
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def cold_load(b: Bench, lever: Lever) -> Result:
+    store = b.work / "cold-store"
+    rmtree(store)
+    m = b.mount(lever, store, ("--router", b.url))
+    try:
+        prefault(2 * b.size)
+        b.warm(b.remote)
+        with RssSampler(m.pid) as rss:
+            seconds = float(probe("gguf-load", str(m.model(REMOTE)))["seconds"])  # type: ignore[arg-type]
+            wait_promoted(store)
+        b.rss.append((f"cold load ({lever.name})", max(rss.peak, m.peak_rss())))
+        return {"s": seconds}
+    finally:
+        m.stop()
+        os.sync()
+        rmtree(store)
+
+
+def curl_then_load(b: Bench) -> Result:
+    out = b.work / "curl.gguf"
+    prefault(2 * b.size)
+    b.warm(b.remote)
+    fetch = timed(["curl", "-sSf", "-o", str(out), f"{b.url}/v0/models/blob/{REMOTE}"])
+    load = float(probe("gguf-load", str(out))["seconds"])  # type: ignore[arg-type]
+    os.sync()
+    out.unlink()
+    return {"s": fetch + load, "fetch s": fetch, "load s": load}
+
+
+def case_load(b: Bench) -> None:
+    mine, direct = interleave(b, [lambda: cold_load(b, BASE), lambda: curl_then_load(b)], b.reps)
+    b.note(f"cold load: modelfs {spread(mine['s'])} s; curl -o then load {spread(direct['s'])} s "
+           f"(curl {spread(direct['fetch s'])} + load {spread(direct['load s'])})")
+    b.rows.append(ratio_row("cold load: GGUFReader + touch all tensors", "s", mine["s"], direct["s"], 1.0,
+                            higher=False))
+
+
+def readers(b: Bench, lever: Lever, count: int, profile: str | None = None) -> Result:
+    """Fresh store and mount; `count` dd processes each read their slice of the router-only model at once."""
+    assert b.counter is not None and b.sent is not None
+    store = b.work / "cold-store"
+    rmtree(store)
+    m = b.mount(lever, store, ("--router", b.url), profile=profile)
+    try:
+        path = m.model(REMOTE)
+        size = os.stat(path).st_size
+        prefault(2 * b.size)
+        b.warm(b.remote)
+        b.counter()
+        step = -(-size // count)
+        cpu = cpu_seconds(m.pid)
+        start = time.perf_counter()
+        procs = [subprocess.Popen(["dd", f"if={path}", "of=/dev/null", "bs=1M", "iflag=skip_bytes,count_bytes",
+                                   f"skip={i * step}", f"count={step}", "status=none"]) for i in range(count)]
+        codes = [p.wait() for p in procs]
+        wall = time.perf_counter() - start
+        if any(codes):
+            raise RuntimeError(f"a reader failed: {codes}")
+        wait_promoted(store)
+        cpu = cpu_seconds(m.pid) - cpu
+        b.rss.append((f"{count} readers ({lever.name})", m.peak_rss()))
+        time.sleep(0.2)  # the server counts a body's bytes as it sends them; let it finish its bookkeeping
+        return {"wall s": wall, "sent/size": b.sent(REMOTE) / size, "cpu s/GiB": cpu * (1 << 30) / b.size}
+    finally:
+        m.stop()
+        os.sync()
+        rmtree(store)
+
+
+def case_readers(b: Bench) -> None:
+    many, one = interleave(b, [lambda: readers(b, BASE, b.readers), lambda: readers(b, BASE, 1)], b.reps)
+    b.note(f"{b.readers} readers: wall {spread(many['wall s'])} s, router sent {spread(many['sent/size'])}× the "
+           f"size, daemon CPU {spread(many['cpu s/GiB'], '{:.2f}')} s/GiB; 1 reader: wall {spread(one['wall s'])} s, "
+           f"sent {spread(one['sent/size'])}×, daemon CPU {spread(one['cpu s/GiB'], '{:.2f}')} s/GiB")
+    b.rows.append(ratio_row(f"{b.readers} concurrent cold readers: wall", "s", many["wall s"], one["wall s"], 1.1,
+                            higher=False))
+    if b.profile:
+        readers(b, BASE, b.readers, profile="readers")
+    sent = max(many["sent/size"])
+    b.rows.append(Row(f"{b.readers} concurrent cold readers: router bytes sent", f"{sent:.3f}× size", "—", sent,
+                      "≤ 1.05×", sent <= 1.05))
+
+
+def mmap_touch(path: Path, every: str = "page") -> float:
+    return float(probe("mmap-touch", str(path), every)["seconds"])  # type: ignore[arg-type]
+
+
+def mmap_mount(b: Bench, lever: Lever) -> Result:
+    """A fresh mount: mmap + touch every page ("first"), again ("warm"), then read every byte via mmap."""
+    m = b.mount(lever)
+    try:
+        prefault(b.size)
+        b.warm(b.local)
+        first = mmap_touch(m.model(LOCAL))
+        cpu = cpu_seconds(m.pid)
+        warm_touch = mmap_touch(m.model(LOCAL))
+        cpu = cpu_seconds(m.pid) - cpu
+        return {"first MB/s": b.mb_s(first), "warm MB/s": b.mb_s(warm_touch), "warm daemon cpu s": cpu,
+                "warm bytes MB/s": b.mb_s(mmap_touch(m.model(LOCAL), "byte"))}
+    finally:
+        m.stop()
+
+
+def mmap_direct(b: Bench) -> Result:
+    prefault(b.size)
+    b.warm(b.local)
+    first = mmap_touch(b.local)
+    return {"first MB/s": b.mb_s(first), "warm MB/s": b.mb_s(mmap_touch(b.local)),
+            "warm bytes MB/s": b.mb_s(mmap_touch(b.local, "byte"))}
+
+
+def case_mmap(b: Bench) -> None:
+    mine, direct = interleave(b, [lambda: mmap_mount(b, BASE), lambda: mmap_direct(b)], b.reps)
+    b.note(f"mmap touch of every page: modelfs first {spread(mine['first MB/s'], '{:.0f}')} warm "
+           f"{spread(mine['warm MB/s'], '{:.0f}')} MB/s (daemon CPU in the warm run "
+           f"{spread(mine['warm daemon cpu s'], '{:.2f}')} s); backing file {spread(direct['first MB/s'], '{:.0f}')}"
+           f" / {spread(direct['warm MB/s'], '{:.0f}')} MB/s (backing cached; 'first' is a new mapping in a new "
+           f"process)")
+    b.note(f"mmap read of every byte, warm: modelfs {spread(mine['warm bytes MB/s'], '{:.0f}')} MB/s, backing file "
+           f"{spread(direct['warm bytes MB/s'], '{:.0f}')} MB/s (ratio "
+           f"{median(mine['warm bytes MB/s']) / median(direct['warm bytes MB/s']):.2f})")
+    b.rows.append(ratio_row("mmap + touch every page: first", "MB/s", mine["first MB/s"], direct["first MB/s"], 0.5))
+    b.rows.append(ratio_row("mmap + touch every page: warm", "MB/s", mine["warm MB/s"], direct["warm MB/s"], 0.95))
+
+
+def case_stat(b: Bench) -> None:
+    m = b.mount(BASE, b.work / "empty-store", ("--router", b.url))
+    try:
+        os.stat(m.mnt)
+        ms: list[float] = probe("stat-missing", str(m.mnt), str(b.missing), "missing-")["ms"]  # type: ignore[assignment]
+    finally:
+        m.stop()
+    p99 = statistics.quantiles(ms, n=100)[98] if len(ms) >= 2 else ms[0]
+    b.note(f"stat of {len(ms)} missing names: p50 {median(ms):.2f} ms, p99 {p99:.2f} ms, max {max(ms):.2f} ms")
+    b.rows.append(Row(f"stat of a missing name (router 404), {len(ms)} names", f"p99 {p99:.1f} ms", "—", None,
+                      "p99 ≤ 20 ms", p99 <= 20))
+
+
+def case_rss(b: Bench) -> None:
+    if not b.rss:
+        cold_fetch(b, BASE)
+    label, peak = max(b.rss, key=lambda x: x[1])
+    b.note("daemon peak RSS (max of VmHWM and sampled VmRSS) per run: " +
+           ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in b.rss))
+    b.rows.append(Row("daemon peak RSS while streaming", f"{peak / MIB:.0f} MiB", "—", None, "≤ 100 MB",
+                      peak <= 100e6))
+
+
+def page_cache(b: Bench, lever: Lever) -> Result:
+    """Drop all caches, read the local model once through a fresh mount, count cached pages of both files."""
+    m = b.mount(lever)
+    try:
+        drop_caches()
+        prefault(2 * b.size)
+        got = probe("read-cache", str(m.model(LOCAL)), str(b.local))
+    finally:
+        m.stop()
+    share = {key: int(value) / b.size for key, value in got.items()}  # type: ignore[call-overload]
+    return {"ratio": share["mount"] + share["backing"], "mount": share["mount"], "backing": share["backing"],
+            "while open": share["mount_open"] + share["backing_open"]}
+
+
+def case_pagecache(b: Bench) -> None:
+    got = page_cache(b, BASE)
+    b.note(f"page cache after one read via the mount, reader closed: FUSE file {got['mount']:.2f}× + backing file "
+           f"{got['backing']:.2f}× the size; {got['while open']:.2f}× before the reader closed")
+    b.rows.append(Row("page cache after a full read via mount", f"{got['ratio']:.2f}× size", "—", got["ratio"],
+                      "≤ 1.1×", got["ratio"] <= 1.1))
+
+
+def lever_run(b: Bench, case: str) -> Callable[[Lever], Result]:
+    runs: dict[str, Callable[[Lever], Result]] = {
+        "first": lambda lever: first_read(b, lever),
+        "sshfs": lambda lever: sshfs_read(b, lever),
+        "fetch": lambda lever: cold_fetch(b, lever),
+        "readers": lambda lever: readers(b, lever, b.readers),
+        "mmap": lambda lever: mmap_mount(b, lever),
+        "load": lambda lever: cold_load(b, lever),
+        "pagecache": lambda lever: page_cache(b, lever),
+    }
+    return runs[case]
+
+
+def run_levers(b: Bench, cases: list[str]) -> list[str]:
+    """Each experiment: the daemon as is against the daemon with one change, interleaved, same run."""
+    lines = []
+    for case, key, metric, higher in EXPERIMENTS:
+        if case not in cases:
+            continue
+        lever = LEVERS[key]
+        if case == "sshfs":
+            if sshfs_available():
+                continue
+            ensure_sshfs(b)
+        runs = [partial(lever_run(b, case), BASE), partial(lever_run(b, case), lever)]
+        try:
+            base, changed = interleave(b, runs, 1 if case == "pagecache" else b.reps)
+        except RuntimeError as exc:  # a patch that no longer fits the code: the daemon refuses to start
+            line = f"{case:9} | {lever.name:45} | n/a: {str(exc).splitlines()[-1]}"
+        else:
+            before, after = median(base[metric]), median(changed[metric])
+            gain = after / before if before else float("nan")
+            line = (f"{case:9} | {lever.name:45} | {metric:11} | {before:9.2f} | {after:9.2f} | "
+                    f"{gain:5.2f}× ({'better' if (after > before) == higher else 'worse'})")
+            extra = [f"{k} {median(base[k]):.2f}→{median(changed[k]):.2f}" for k in base
+                     if k != metric and k in changed]
+            if extra:
+                line += "  [" + ", ".join(extra) + "]"
+        print(f"  lever: {line}", flush=True)
+        lines.append(line)
+    return lines
+
+
+# Setup, machine description, output.
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def machine() -> list[str]:
+    def version(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    import pyfuse3
+
+    mem = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    commit = version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "modelfs"], capture_output=True,
+                           text=True).stdout.strip()
+    return [
+        f"modelfs at commit {commit}{' with uncommitted changes in modelfs/' if dirty else ''}",
+        f"nproc {os.cpu_count()}, {mem.split(':')[1].strip()} memory, kernel {platform.release()}, "
+        f"python {platform.python_version()}, pyfuse3 {pyfuse3.__version__}, "
+        f"libfuse {version(['fusermount3', '-V']).split()[-1]}, {version(['curl', '--version']).split(' (')[0]}",
+    ]
+
+
+def table(rows: list[Row]) -> list[str]:
+    header = ("case", "modelfs", "direct", "ratio", "target", "met?")
+    cells = [[r.case, r.modelfs, r.direct, "—" if r.ratio is None else f"{r.ratio:.2f}", r.target,
+              "—" if r.met is None else ("yes" if r.met else "NO")] for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *cells, strict=True)]
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
+    return out
+
+
+def run_size(args: argparse.Namespace, size: int, cases: list[str], janitor: Janitor, work: Path,
+             code: Path) -> Bench:
+    b = Bench(size=size, reps=args.reps, readers=args.readers, missing=args.missing, work=work, janitor=janitor,
+              server=args.server, profile=args.profile, code=code)
+    for old in [*work.parent.glob("profile-*.txt"), *work.parent.glob("trace-*.json")]:
+        old.unlink()  # profiles and traces are kept after the run (bench/out/), but never mixed with older ones
+    start = time.monotonic()
+    make_gguf_of_size(b.local, size)
+    b.remote.parent.mkdir(parents=True)
+    shutil.copyfile(b.local, b.remote)
+    b.size = os.stat(b.local).st_size
+    hour_ago = time.time() - 3600
+    for path in (b.local, b.remote):  # like a real model: not just written (modelfs trusts only settled files)
+        os.utime(path, (hour_ago, hour_ago))
+    print(f"made two GGUF files of {b.size} bytes in {time.monotonic() - start:.1f}s", flush=True)
+    if args.server == "nginx":
+        nginx = Nginx(janitor, work / "origin", work / "nginx")
+        b.url, b.counter, b.sent = nginx.url, nginx.reset, nginx.bytes_sent
+    else:
+        router = start_router(janitor, work / "origin")
+        b.url, b.counter, b.sent = router.url, router.reset, router.bytes_sent
+    functions: dict[str, Callable[[Bench], None]] = {
+        "warm": case_warm, "first": case_first, "sshfs": case_sshfs, "fetch": case_fetch, "load": case_load,
+        "readers": case_readers, "mmap": case_mmap, "stat": case_stat, "rss": case_rss,
+        "pagecache": case_pagecache,
+    }
+    for case in cases:
+        print(f"[{size / MIB:.0f} MiB] {case}", flush=True)
+        functions[case](b)
+    b.raw.append(f"read_ahead_kb of the mounts as modelfs set it: {sorted(b.read_ahead)}")
+    if args.levers:
+        print(f"[{size / MIB:.0f} MiB] levers", flush=True)
+        b.raw.append("levers (case | change | metric | as is | with change | gain):")
+        b.raw += ["  " + line for line in run_levers(b, cases)]
+    if args.profile:
+        for path in sorted(work.parent.glob("trace-*.json")):
+            sizes = json.loads(path.read_text())
+            b.raw.append(f"FUSE read request sizes, {path.stem.removeprefix('trace-')}: " +
+                         ", ".join(f"{int(k) // 1024} KiB × {v}" for k, v in sizes.items()))
+        for name in ("first", "sshfs", "fetch", "readers"):
+            path = work.parent / f"profile-{name}.txt"
+            if path.exists():
+                b.raw.append(f"profile of the daemon, {name} (py-spy --native, {path}):")
+                b.raw += ["  " + line for line in profile_summary(path)]
+    return b
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", action="append", help="model size, e.g. 1G (repeatable; default 1G, 64M --quick)")
+    parser.add_argument("--quick", action="store_true", help="64 MiB, 1 repetition, 8 readers: proves it works")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--reps", type=int, help="repetitions of each A/B pair (default 3, 1 with --quick)")
+    parser.add_argument("--readers", type=int, help="concurrent readers (default 64, 8 with --quick)")
+    parser.add_argument("--missing", type=int, default=200, help="missing names to stat (default 200)")
+    parser.add_argument("--server", choices=("router", "nginx"), default="router",
+                        help="what serves the blobs to both modelfs and curl (default: tests/router_server.py)")
+    parser.add_argument("--levers", action="store_true", help="also measure each known lever against unmodified")
+    parser.add_argument("--profile", action="store_true", help="py-spy the daemon in first read, sshfs, fetch")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out",
+                        help="where files are made (same disk as a real store; default bench/out)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("run as root (drop_caches, FUSE mounts, sshd)")
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; known: {', '.join(CASES)}")
+    sizes = [parse_size(s) for s in (args.size or (["64M"] if args.quick else ["1G"]))]
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.readers = args.readers or (8 if args.quick else 64)
+
+    began = time.monotonic()
+    header = machine()  # before the run: the commit measured
+    results: list[Bench] = []
+    code = args.workdir / f"code-{os.getpid()}"
+    try:
+        # Every daemon of this run runs this copy of modelfs/, whatever happens to the work tree meanwhile.
+        shutil.copytree(ROOT / "modelfs", code / "modelfs", ignore=shutil.ignore_patterns("__pycache__"))
+        for size in sizes:
+            janitor = Janitor()  # everything of one size: mounts, servers, then the work dir itself
+            work = args.workdir / f"work-{os.getpid()}"
+            janitor.push(f"work dir {work}", lambda w=work: rmtree(w))  # type: ignore[misc]
+            try:
+                work.mkdir(parents=True)
+                results.append(run_size(args, size, cases, janitor, work, code))
+            finally:
+                janitor.close()
+    finally:
+        rmtree(code)
+    print()
+    print("modelfs benchmark:", " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]))
+    for line in header:
+        print(line)
+    rows = [Row(f"[{b.size / MIB:.0f} MiB] {r.case}" if len(results) > 1 else r.case, r.modelfs, r.direct, r.ratio,
+                r.target, r.met) for b in results for r in b.rows]
+    print(f"model size {', '.join(f'{b.size} bytes' for b in results)}; {args.reps} repetition(s) per side, "
+          f"interleaved, medians; {time.monotonic() - began:.0f}s")
+    print()
+    print("\n".join(table(rows)))
+    for b in results:
+        print()
+        print(f"raw numbers ({b.size / MIB:.0f} MiB; median [min..max]):")
+        print("\n".join(f"  {line}" for line in b.raw))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
