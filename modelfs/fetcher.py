@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import heapq
+import itertools
 import logging
 import os
 import re
@@ -71,7 +73,10 @@ class Download:
         self.stop = threading.Event()
         self.written = 0  # the worker thread's own count; `progress` is the loop's copy of it
         self.start_offset = 0  # where this run began (resumed downloads), for the rate
-        self._changed = trio.Event()
+        # Readers waiting for bytes, by the offset they need: a progress report wakes only those it satisfies,
+        # not every waiter (64 readers with deep read-ahead would otherwise wake by the hundred per MiB).
+        self._waiters: list[tuple[int, int, trio.Event]] = []
+        self._seq = itertools.count()
 
     def rate(self) -> float:
         """Bytes per second since the download (re)started."""
@@ -83,8 +88,8 @@ class Download:
             self.progress = progress
         if total is not None:
             self.total = total
-        self._changed.set()
-        self._changed = trio.Event()
+        while self._waiters and (self.done or self._waiters[0][0] <= self.progress):
+            heapq.heappop(self._waiters)[2].set()
 
     def _finish(self, error: Failure | None) -> None:
         self.done = True
@@ -94,14 +99,10 @@ class Download:
     async def wait_for(self, end: int) -> None:
         """Return once bytes [0, end) are on disk; raise the download's error if they never will be."""
         while self.progress < end and not self.done:
-            await self._changed.wait()
+            event = trio.Event()
+            heapq.heappush(self._waiters, (end, next(self._seq), event))
+            await event.wait()
         if self.progress < end and self.error is not None:
-            raise self.error
-
-    async def wait_done(self) -> None:
-        while not self.done:
-            await self._changed.wait()
-        if self.error is not None:
             raise self.error
 
 

@@ -77,11 +77,13 @@ class Resolver:
         if found is not None:
             return self._local(name, found)
         looked = [f"store {self.store.root}"]
+        skipped: list[str] = []
         for shared in self.shared:
             try:
                 found = await shared.find(name)
             except SharedUnavailable as exc:
-                looked.append(f"shared {shared.root} (skipped, unavailable: {exc})")
+                skipped.append(f"shared {shared.root} (skipped, unavailable: {exc})")
+                looked.append(skipped[-1])
                 continue
             except OSError as exc:
                 looked.append(f"shared {shared.root} ({exc.strerror})")
@@ -91,10 +93,9 @@ class Resolver:
             looked.append(f"shared {shared.root}")
         source = await self._remote(name, looked)
         if source is not None:
-            skipped = tuple(place for place in looked if "skipped" in place)
-            return dataclasses.replace(source, skipped=skipped) if skipped else source
+            return dataclasses.replace(source, skipped=tuple(skipped)) if skipped else source
         message = f"model {name!r} not found; looked in: " + ", ".join(looked)
-        if not any("skipped" in place for place in looked):  # a dir coming back must show its models at once
+        if not skipped:  # a directory coming back must show its models at once
             self._misses[name] = message
         log.info("%s", message)
         raise not_found(message)
