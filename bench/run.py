@@ -151,6 +151,12 @@ class Bench:
                     lever.patches, profile=out / f"profile-{profile}.txt" if profile else None,
                     trace=out / f"trace-{trace}.json" if trace else None, settings=dict(lever.settings),
                     code=self.code)
+        # modelfs sets read-ahead just after the kernel's handshake, a moment after the mount appears: wait for it
+        # (up to 2 s), so no timed run starts in that window.
+        os.stat(m.mnt)
+        deadline = time.monotonic() + 2
+        while m.read_ahead_kb() == 128 and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.read_ahead.add(m.read_ahead_kb())
         if lever.read_ahead_kb:
             m.set_read_ahead_kb(lever.read_ahead_kb)
