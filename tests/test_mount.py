@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import gguf_bytes, write_model
+from conftest import gguf_bytes, wait_for, write_model
 
 
 def test_local_and_shared_reads_are_byte_identical_and_in_place(mount, dirs):
@@ -260,4 +260,8 @@ def test_read_ahead_is_raised_after_the_handshake(mount, dirs):
     m = mount()
     with open("/proc/self/mountinfo") as f:
         device = next(line.split()[2] for line in f if line.split()[4] == str(m.path))
-    assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() == "4096"
+    setting = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    os.listdir(m.path)  # the handshake is done once the daemon answers; modelfs sets read-ahead right after it
+    wait_for(lambda: setting.read_text().strip() == "4096", timeout=5, what="read_ahead_kb 4096")
+    time.sleep(0.5)
+    assert setting.read_text().strip() == "4096"  # and nothing resets it afterwards
