@@ -19,7 +19,3 @@ class Failure(Exception):
 
 def not_found(message: str) -> Failure:
     return Failure(errno_.ENOENT, message)
-
-
-def io_error(message: str) -> Failure:
-    return Failure(errno_.EIO, message)

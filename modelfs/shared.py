@@ -53,11 +53,11 @@ class SharedDir:
     def __repr__(self) -> str:
         return f"SharedDir({str(self.root)!r}, available={self.available})"
 
-    async def call(self, fn: Callable[..., T], *args: object, timeout: float | None = None) -> T:
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run `fn(*args)` in a worker thread; SharedUnavailable if the directory is down, hangs or disconnects."""
         if not self.available:
             raise SharedUnavailable(self.reason)
-        limit = self.timeout if timeout is None else timeout
+        limit = self.timeout
         with trio.move_on_after(limit) as scope:
             self._waiting.add(scope)
             try:
