@@ -219,7 +219,12 @@ class ModelFS(pyfuse3.Operations):
             if path:
                 return {}
             status = {"version": __version__, **self.resolver.status()}
+            store = status["store"]
+            assert isinstance(store, dict)
             return {"user.modelfs.version": __version__.encode(),
+                    "user.modelfs.store_usage": str(store["usage_bytes"]).encode(),
+                    "user.modelfs.shared": json.dumps(status["shared"]).encode(),
+                    "user.modelfs.routers": json.dumps(status["routers"]).encode(),
                     "user.modelfs.status": json.dumps(status).encode()}
         source = await self.resolver.resolve(model)
         return {"user.modelfs.source": source.kind.encode(), "user.modelfs.path": str(source.path).encode(),

@@ -36,6 +36,11 @@ def test_status_shows_every_source_and_the_daemons_view(mount, router, dirs, tmp
     assert state["store"]["path"] == str(dirs["store"])
     assert [s["path"] for s in state["shared"]] == [str(dirs["shared"]), str(tmp_path / "gone")]
     assert state["routers"][0]["url"] == r.url
+    shared = json.loads(os.getxattr(m.path, "user.modelfs.shared"))
+    assert [s["available"] for s in shared] == [True, False]  # the missing directory is marked down
+    assert int(os.getxattr(m.path, "user.modelfs.store_usage")) > 0
+    assert json.loads(os.getxattr(m.path, "user.modelfs.routers"))[0]["url"] == r.url
+    assert os.getxattr(m.path, "user.modelfs.version").decode()
     m.model("org/remote").read_bytes()
     wait_for((dirs["store"] / "org" / "remote" / "model.gguf").exists, what="download")
     state = json.loads(modelfs("status", str(m.path), "--json").stdout)
