@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from procs import stop_process
+
 BLOB_PREFIX = "/v0/models/blob/"
 LIST_PATH = "/v0/models"
 CHUNK = 256 * 1024
@@ -629,13 +631,7 @@ class RouterProcess:
 
     def stop(self) -> None:
         """Terminate, then kill after 5 s; idempotent."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if not self._log.closed:
             self._log.close()
             self._final_log = self.log_text()

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import IO
 
+from procs import stop_process
+
 SSHD = "/usr/sbin/sshd"
 START_TIMEOUT = 10.0
 
@@ -168,13 +170,8 @@ class Sshd:
 
     def close(self) -> None:
         """Stop sshd and delete its keys; safe to call twice."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
         if self._log is not None:
             self._log.close()
@@ -304,13 +301,7 @@ class SshfsMount:
                     stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
                 )
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=5)
+            stop_process(self.proc)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import fuse_missing, gguf_bytes, wait_for, write_model
+from procs import stop_process
 from sshfs import is_mounted
 
 from modelfs import mounthelper
@@ -563,13 +564,7 @@ http {{
         return [line for line in self.access_log.read_text().splitlines() if f" {uri} " in line]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
 
 
 @pytest.fixture
