@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--retries", type=int, help="retries of a failed download, with backoff (default 3)")
     mount.add_argument("--store-max-size", help="evict least-recently-used downloaded models to keep the store "
                        "under this size, e.g. 200G (default: no limit)")
+    mount.add_argument("--passthrough", choices=("auto", "on", "off"), help="FUSE passthrough, the kernel reading "
+                       "complete model files itself: auto (default) uses it when kernel, privileges and library "
+                       "allow; on refuses to mount without it; off serves every read from the daemon")
     mount.add_argument("--log-file", type=Path, help="where a background daemon logs (default "
                        "/var/log/modelfs.log as root, ~/.local/state/modelfs/modelfs.log otherwise)")
     mount.add_argument("--debug", action="store_true", default=None, help="log every request")
@@ -79,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("store", "shared", "router", "router_token", "shared_timeout", "connect_timeout", "read_timeout",
-            "retries", "store_max_size", "allow_other", "debug")
+            "retries", "store_max_size", "passthrough", "allow_other", "debug")
     return {key: getattr(args, key) for key in keys}
 
 

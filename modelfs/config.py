@@ -47,6 +47,7 @@ class Config:
     store_max_size: int | None = None
     read_ahead_kb: int = 4096
     drop_backing_cache: bool = True
+    passthrough: str = "auto"
     allow_other: bool = False
     debug: bool = False
 
@@ -109,6 +110,13 @@ def _bool(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
+def _passthrough(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ("auto", "on", "off"):
+        raise ValueError("expected auto, on or off")
+    return text
+
+
 def _token(value: Any) -> str | None:
     if not isinstance(value, str):
         raise ValueError("expected a string")
@@ -149,6 +157,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "store_max_size": parse_size,
     "read_ahead_kb": _count,
     "drop_backing_cache": _bool,
+    "passthrough": _passthrough,
     "allow_other": _bool,
     "debug": _bool,
 }

@@ -1,7 +1,7 @@
 """The FUSE layer: translates kernel requests into resolver calls and resolver answers into replies.
 
-No policy lives here. It owns inode numbers (one per mount path, stable while mounted, never reused), open file
-and directory handles, attribute formatting, and the one place where exceptions become errnos. The mount is
+No policy lives here. It owns directory handles, attribute formatting, and the one place where exceptions become
+errnos; inode numbers and open files (one inode per version of a model file) are `inodes`'. The mount is
 read-only: every request that would change something gets EROFS.
 """
 
@@ -20,8 +20,9 @@ import pyfuse3
 
 from . import __version__, names
 from .errors import Failure
-from .readers import Reader
-from .resolver import Resolver, Source
+from .inodes import Inodes, Version
+from .passthrough import Passthrough, file_info
+from .resolver import ROUTER, Resolver, Source
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,12 @@ class ModelFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, resolver: Resolver) -> None:
+    def __init__(self, resolver: Resolver, passthrough: Passthrough | None = None) -> None:
         super().__init__()
         self.resolver = resolver
-        self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
-        self._inodes: dict[str, int] = {"": pyfuse3.ROOT_INODE}
-        self._next_inode = pyfuse3.ROOT_INODE + 1
-        self._files: dict[int, tuple[str, Reader]] = {}
+        self.passthrough = passthrough or Passthrough("off")
+        self.enable_passthrough = self.passthrough.wanted  # read by the patched pyfuse3's FUSE_INIT handler
+        self.inodes = Inodes(resolver, self.passthrough)
         self._dirs: dict[int, tuple[str, list[tuple[str, Source | None]]]] = {}
         self._next_fh = 1
         self.uid = os.getuid()
@@ -86,19 +86,17 @@ class ModelFS(pyfuse3.Operations):
 
     # Inodes and attributes.
 
-    def _inode(self, path: str) -> int:
-        inode = self._inodes.get(path)
-        if inode is None:
-            inode = self._inodes[path] = self._next_inode
-            self._paths[inode] = path
-            self._next_inode += 1
-        return inode
+    def _dir_path(self, inode: int) -> str:
+        path = self.inodes.dir_path(inode)
+        if path is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR if self.inodes.version(inode) else errno.ENOENT)
+        return path
 
-    def _path(self, inode: int) -> str:
-        try:
-            return self._paths[inode]
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+    def _version(self, inode: int) -> Version:
+        version = self.inodes.version(inode)
+        if version is None:
+            raise pyfuse3.FUSEError(errno.EISDIR if self.inodes.dir_path(inode) is not None else errno.ENOENT)
+        return version
 
     @staticmethod
     def _model(path: str) -> str | None:
@@ -106,9 +104,9 @@ class ModelFS(pyfuse3.Operations):
         parent, _, entry = path.rpartition("/")
         return names.model_of_entry(parent, entry) if path else None
 
-    def _attrs(self, path: str, source: Source | None) -> pyfuse3.EntryAttributes:
+    def _attrs(self, inode: int, source: Source | None) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
-        attr.st_ino = self._inode(path)
+        attr.st_ino = inode
         attr.st_uid = self.uid
         attr.st_gid = self.gid
         attr.st_blksize = BLKSIZE
@@ -127,16 +125,24 @@ class ModelFS(pyfuse3.Operations):
         attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = mtime
         return attr
 
-    async def _stat(self, path: str) -> pyfuse3.EntryAttributes:
+    def _entry(self, path: str, source: Source | None) -> tuple[pyfuse3.EntryAttributes, Version | None]:
+        """Attributes for a name the kernel is about to learn, and the version whose lookup count it takes."""
+        if source is None:
+            return self._attrs(self.inodes.directory(path), None), None
+        version = self.inodes.entry(path, source)
+        return self._attrs(version.inode, version.source), version
+
+    async def _find(self, path: str) -> Source | None:
+        """What `path` is now: a model's source, or None for a directory; ENOENT otherwise."""
         model = self._model(path)
         if model is not None:
             try:
-                return self._attrs(path, await self.resolver.resolve(model))
+                return await self.resolver.resolve(model)
             except Failure as exc:
                 if exc.errno != errno.ENOENT:
                     raise
         if path == "" or await self.resolver.is_dir(path):
-            return self._attrs(path, None)
+            return None
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     # Lookups and listings.
@@ -146,9 +152,12 @@ class ModelFS(pyfuse3.Operations):
         entry = names.component(name)
         if entry.startswith("."):
             raise pyfuse3.FUSEError(errno.ENOENT)
-        path = names.join(self._path(parent_inode), entry)
+        path = names.join(self._dir_path(parent_inode), entry)
         try:
-            return await self._stat(path)
+            attrs, version = self._entry(path, await self._find(path))
+            if version is not None:
+                version.lookups += 1
+            return attrs
         except (pyfuse3.FUSEError, Failure, names.InvalidName) as exc:
             if errno_of(exc) != errno.ENOENT:
                 raise
@@ -159,14 +168,24 @@ class ModelFS(pyfuse3.Operations):
         return negative
 
     @translated
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:  # type: ignore[override]
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)
+
+    @translated
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._stat(self._path(inode))
+        # A file inode is one version: its attributes never change (a new version is a new inode).
+        version = self.inodes.version(inode)
+        if version is not None:
+            return self._attrs(inode, version.source)
+        path = self._dir_path(inode)
+        if path and not await self.resolver.is_dir(path):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(inode, None)
 
     @translated
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        path = self._path(inode)
-        if self._model(path) is not None and not await self.resolver.is_dir(path):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        path = self._dir_path(inode)
         entries = await self.resolver.list_dir(path)
         fh = self._next_fh
         self._next_fh += 1
@@ -178,9 +197,11 @@ class ModelFS(pyfuse3.Operations):
         parent, entries = self._dirs[fh]
         for index in range(start_id, len(entries)):
             entry, source = entries[index]
-            attrs = self._attrs(names.join(parent, entry), source)
+            attrs, version = self._entry(names.join(parent, entry), source)
             if not pyfuse3.readdir_reply(token, entry.encode(), attrs, index + 1):
                 break
+            if version is not None:  # readdirplus: each entry sent is a lookup
+                version.lookups += 1
 
     @translated
     async def releasedir(self, fh: int) -> None:
@@ -192,43 +213,57 @@ class ModelFS(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
-        model = self._model(self._path(inode))
-        if model is None:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        reader, keep_cache = await self.resolver.open(model)
-        fh = self._next_fh
-        self._next_fh += 1
-        self._files[fh] = (model, reader)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+        fh, file, keep_cache = await self.inodes.open(self._version(inode))
+        return file_info(fh, keep_cache, file.backing_id)
 
     @translated
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
-        return await self._files[fh][1].read(off, size)
+        return await self.inodes.handle(fh).reader.read(off, size)
 
     @translated
     async def release(self, fh: int) -> None:
-        model, reader = self._files.pop(fh)
-        await self.resolver.close(model, reader)
+        await self.inodes.release(fh)
 
     # Extended attributes: what modelfs did, for `getfattr` and `modelfs status`.
 
+    def status(self) -> dict[str, object]:
+        """The daemon's state, for the root's xattrs and `modelfs status`."""
+        return {"version": __version__, **self.resolver.status(),
+                "passthrough": {"mode": self.passthrough.mode, "active": self.passthrough.active,
+                                "reason": self.passthrough.reason},
+                "inodes": self.inodes.counts()}
+
     async def _xattrs(self, inode: int) -> dict[str, bytes]:
-        path = self._path(inode)
-        model = self._model(path)
-        if model is None:
-            if path:
+        version = self.inodes.version(inode)
+        if version is None:
+            if self._dir_path(inode):
                 return {}
-            status = {"version": __version__, **self.resolver.status()}
+            status = self.status()
             store = status["store"]
             assert isinstance(store, dict)
             return {"user.modelfs.version": __version__.encode(),
                     "user.modelfs.store_usage": str(store["usage_bytes"]).encode(),
                     "user.modelfs.shared": json.dumps(status["shared"]).encode(),
                     "user.modelfs.routers": json.dumps(status["routers"]).encode(),
+                    "user.modelfs.passthrough": json.dumps(status["passthrough"]).encode(),
                     "user.modelfs.status": json.dumps(status).encode()}
-        source = await self.resolver.resolve(model)
-        return {"user.modelfs.source": source.kind.encode(), "user.modelfs.path": str(source.path).encode(),
-                "user.modelfs.progress": (await self.resolver.progress(model)).encode()}
+        # What this inode serves: the file its handles read, else its file as found now (a finished download is
+        # in the store by now), else what lookup saw.
+        file = version.file
+        if file is not None:
+            kind, path = file.reader.source, file.reader.path
+        else:
+            source = version.source
+            try:
+                now = await self.resolver.resolve(version.name)
+                source = now if version.same_file(now) else source
+            except Failure:
+                pass
+            kind, path = source.kind, str(source.path)
+        io = file.io if file else ("passthrough" if self.passthrough.active and kind != ROUTER else "daemon")
+        return {"user.modelfs.source": kind.encode(), "user.modelfs.path": str(path).encode(),
+                "user.modelfs.io": io.encode(),
+                "user.modelfs.progress": (await self.resolver.progress(version.name)).encode()}
 
     @translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

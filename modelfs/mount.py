@@ -24,6 +24,7 @@ import trio
 from .config import Config
 from .fetcher import Fetcher
 from .fs import ModelFS
+from .passthrough import Passthrough, PassthroughUnavailable
 from .resolver import Resolver
 from .router import Router
 from .shared import SharedDir
@@ -130,7 +131,12 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
     started_ns = time.time_ns()
     fetcher = Fetcher(store, router, config.retries, started_ns) if router else None
     resolver = Resolver(config, store, shared, router, fetcher, started_ns)
-    operations = ModelFS(resolver)
+    passthrough = Passthrough(config.passthrough)
+    try:
+        passthrough.check()
+    except PassthroughUnavailable as exc:
+        raise MountError(str(exc)) from None
+    operations = ModelFS(resolver, passthrough)
     try:
         pyfuse3.init(operations, str(mountpoint), options(config))
     except RuntimeError as exc:
@@ -139,8 +145,10 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
              ", ".join(map(str, config.shared)) or "none", ", ".join(config.router) or "none")
     clean = False
     try:
-        trio.run(_serve, mountpoint, config.read_ahead_kb, shared, router, fetcher, ready)
+        trio.run(_serve, mountpoint, config.read_ahead_kb, shared, router, fetcher, passthrough, ready)
         clean = True
+    except PassthroughUnavailable as exc:
+        raise MountError(str(exc)) from None
     finally:
         sd_notify("STOPPING=1")
         pyfuse3.close(unmount=True)
@@ -148,24 +156,27 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
 
 
 async def _serve(mountpoint: Path, read_ahead_kb: int, shared: list[SharedDir], router: Router | None,
-                 fetcher: Fetcher | None, ready: Callable[[], None]) -> None:
+                 fetcher: Fetcher | None, passthrough: Passthrough, ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         if fetcher is not None:
             await nursery.start(fetcher.run)
         for directory in shared:
             nursery.start_soon(directory.probe_forever)
         nursery.start_soon(_stop_on_signal)
-        nursery.start_soon(_announce, mountpoint, read_ahead_kb, ready)
+        nursery.start_soon(_announce, mountpoint, read_ahead_kb, passthrough, ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     if router is not None:
         await router.aclose()
 
 
-async def _announce(mountpoint: Path, read_ahead_kb: int, ready: Callable[[], None]) -> None:
+async def _announce(mountpoint: Path, read_ahead_kb: int, passthrough: Passthrough,
+                    ready: Callable[[], None]) -> None:
     """Once the kernel has finished its handshake with us (a stat of the root is answered only after FUSE_INIT),
-    tune read-ahead (FUSE_INIT would reset it) and tell whoever waits that the mount is live."""
+    learn whether passthrough was granted, tune read-ahead (FUSE_INIT would reset it) and tell whoever waits
+    that the mount is live. `--passthrough on` without it ends the mount here, before anyone is told it is live."""
     await trio.to_thread.run_sync(os.stat, mountpoint)
+    passthrough.settle()
     set_read_ahead(mountpoint, read_ahead_kb)
     ready()
     sd_notify("READY=1\nSTATUS=serving")

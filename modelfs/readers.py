@@ -10,18 +10,32 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from .errors import Failure
 from .fetcher import Download
 from .shared import SharedDir, SharedUnavailable
 
+T = TypeVar("T")
+
+#: Device, inode, size and mtime (ns) of the file a reader reads, from `fstat` of its own descriptor.
+Identity = tuple[int, int, int, int]
+
 
 class Reader(Protocol):
     source: str
     path: str
+    fd: int
+    identity: Identity
+    trusted: bool  # whether `identity` proves the file (not a shared file changed in the last seconds)
+    complete: bool  # the whole file is on disk: the kernel may read it itself (passthrough)
 
     async def read(self, offset: int, size: int) -> bytes | memoryview: ...
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking call on this reader's file where that is safe (a worker thread for shared files)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -79,11 +93,17 @@ class BackingCache:
 
 class LocalReader:
     source = "local"
+    complete = True
 
     def __init__(self, fd: int, path: str, drop_cache: bool = True) -> None:
         self.fd = fd
         self.path = path
         self.cache = BackingCache(fd, drop_cache)
+        self.identity: Identity = (0, 0, 0, 0)
+        self.trusted = True
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        return fn(*args)
 
     async def read(self, offset: int, size: int) -> memoryview:
         data = pread_shared(self.fd, size, offset)
@@ -97,12 +117,21 @@ class LocalReader:
 
 class SharedReader:
     source = "shared"
+    complete = True
 
     def __init__(self, fd: int, path: str, shared: SharedDir, drop_cache: bool = True) -> None:
         self.fd = fd
         self.path = path
         self.shared = shared
         self.cache = BackingCache(fd, drop_cache)
+        self.identity: Identity = (0, 0, 0, 0)
+        self.trusted = True
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return await self.shared.call(fn, *args)
+        except SharedUnavailable as exc:
+            raise Failure(errno.EIO, f"shared directory {self.shared.root} unavailable: {exc}") from None
 
     def _pread(self, size: int, offset: int) -> bytes:
         """Runs in a worker thread: even dropping pages may block on a hung network filesystem."""
@@ -121,13 +150,21 @@ class SharedReader:
 
 
 class DownloadReader:
+    """Streams a download in progress; the kernel cannot read a file still being written, so never passthrough."""
+
     source = "router"
+    complete = False
 
     def __init__(self, fd: int, path: str, download: Download, drop_cache: bool = True) -> None:
         self.fd = fd
         self.path = path
         self.download = download
         self.cache = BackingCache(fd, drop_cache)
+        self.identity: Identity = (0, 0, 0, 0)
+        self.trusted = True
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        return fn(*args)
 
     async def read(self, offset: int, size: int) -> memoryview:
         end = offset + size

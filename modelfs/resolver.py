@@ -1,8 +1,8 @@
 """Name → source: the local store, then each shared directory, then the routers; otherwise ENOENT.
 
 All policy of the namespace lives here: the order of sources, skipping unavailable shared directories, the short
-negative cache, what a directory lists, whether an open may keep the kernel's page cache, and which reader serves
-an open file. The FUSE layer only asks.
+negative cache, what a directory lists, the identity of the file behind a name (which `inodes` turns into one
+inode per version), and which reader serves an open file. The FUSE layer only asks.
 """
 
 from __future__ import annotations
@@ -30,7 +30,17 @@ from .store import Store, StoreFull
 log = logging.getLogger(__name__)
 
 LOCAL, SHARED, ROUTER = "local", "shared", "router"
+#: A shared file changed within this long may change again without its identity showing it (network filesystems
+#: with whole-second mtimes and path-based inode numbers, like sshfs): its identity proves nothing until then
+#: ("racily clean", as git calls it). The store is a local filesystem with nanosecond mtimes and real inodes.
 STABLE_AFTER_NS = 2_000_000_000
+
+#: What must stay equal for two looks at a model to be the same file: device, inode, size, mtime (ns).
+Identity = tuple[int, int, int, int]
+
+
+def settled(mtime_ns: int) -> bool:
+    return time.time_ns() - mtime_ns > STABLE_AFTER_NS
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,10 @@ class Source:
     shared: SharedDir | None = None
     download: Download | None = None
     skipped: tuple[str, ...] = ()  # unavailable shared directories passed over on the way here
+    #: The file's identity; None for a router model whose download has not begun (there is no file yet).
+    identity: Identity | None = None
+    #: Whether equal identities prove the same file (false for a shared file changed in the last seconds).
+    trusted: bool = True
 
 
 class Resolver:
@@ -61,12 +75,14 @@ class Resolver:
         self._router_list: TTLCache[str, dict[str, int]] = TTLCache(maxsize=1, ttl=config.router_list_ttl)
         # What a HEAD said, so the open right after a lookup does not ask again.
         self._heads: TTLCache[str, int] = TTLCache(maxsize=4096, ttl=config.negative_cache_ttl)
-        # Per model: the backing file's identity at the last open, and whether it was old enough to trust.
-        self._identities: dict[str, tuple[tuple[int, int, int, int], bool]] = {}
-        self._open: dict[str, int] = {}  # open handles per model: those are never evicted
+        self._open: dict[str, int] = {}  # open files per model: those are never evicted
 
     def _local(self, name: str, found: layout.Found) -> Source:
-        return Source(LOCAL, name, found.path, found.st.st_size, found.st.st_mtime_ns)
+        return Source(LOCAL, name, found.path, found.st.st_size, found.st.st_mtime_ns, identity=found.identity)
+
+    def _shared(self, name: str, found: layout.Found, shared: SharedDir) -> Source:
+        return Source(SHARED, name, found.path, found.st.st_size, found.st.st_mtime_ns, shared,
+                      identity=found.identity, trusted=settled(found.st.st_mtime_ns))
 
     async def resolve(self, name: str) -> Source:
         """The source of model `name`, in the order store → shared → router. Never reads model bytes."""
@@ -89,7 +105,7 @@ class Resolver:
                 looked.append(f"shared {shared.root} ({exc.strerror})")
                 continue
             if found is not None:
-                return Source(SHARED, name, found.path, found.st.st_size, found.st.st_mtime_ns, shared)
+                return self._shared(name, found, shared)
             looked.append(f"shared {shared.root}")
         source = await self._remote(name, looked)
         if source is not None:
@@ -124,7 +140,15 @@ class Resolver:
         return self._router_source(name, remote.size)
 
     def _router_source(self, name: str, size: int, download: Download | None = None) -> Source:
-        return Source(ROUTER, name, self.store.final_path(name), size, self.started_ns, download=download)
+        identity = None if download is None else self._download_identity(download, size)
+        return Source(ROUTER, name, self.store.final_path(name), size, self.started_ns, download=download,
+                      identity=identity)
+
+    def _download_identity(self, download: Download, size: int) -> Identity:
+        """The identity the model will have once promoted: the partial file is renamed, never copied, and gets
+        the mtime the mount shows meanwhile; so streaming handles and later opens share one inode and its pages."""
+        st = os.fstat(download.fd)
+        return (st.st_dev, st.st_ino, download.total or size, self.started_ns)
 
     async def is_dir(self, prefix: str) -> bool:
         """Whether `prefix` is a directory of the mount (`org` when `org/model` exists somewhere)."""
@@ -163,7 +187,7 @@ class Resolver:
                 log.info("listing skips shared directory %s: %s", shared.root, exc)
                 continue
             for name, f in found.items():
-                models[name] = Source(SHARED, name, f.path, f.st.st_size, f.st.st_mtime_ns, shared)
+                models[name] = self._shared(name, f, shared)
         for name, f in (await trio.to_thread.run_sync(self.store.walk)).items():
             models[name] = self._local(name, f)
         return models
@@ -183,11 +207,15 @@ class Resolver:
                 entries[rest + names.SUFFIX] = source
         return entries
 
-    async def open(self, name: str) -> tuple[Reader, bool]:
-        """A reader for model `name`, and whether the kernel may keep its cached pages (file unchanged)."""
-        reader, keep_cache = await self._open_source(name)
+    async def open(self, name: str) -> Reader:
+        """Open the file that is model `name` now (starting its download if needed); the reader knows its identity.
+
+        The identity comes from `fstat` of the open file, so it names what this reader will read even if the
+        name changed since it was resolved.
+        """
+        reader = await self._open_source(await self.resolve(name))
         self._open[name] = self._open.get(name, 0) + 1
-        return reader, keep_cache
+        return reader
 
     async def close(self, name: str, reader: Reader) -> None:
         count = self._open.get(name, 1) - 1
@@ -197,8 +225,8 @@ class Resolver:
             self._open.pop(name, None)
         await reader.close()
 
-    async def _open_source(self, name: str) -> tuple[Reader, bool]:
-        source = await self.resolve(name)
+    async def _open_source(self, source: Source) -> Reader:
+        name = source.name
         reader: Reader
         if source.kind == LOCAL:
             fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -213,7 +241,7 @@ class Resolver:
                 st = await source.shared.call(os.fstat, fd)
             except SharedUnavailable:
                 # The directory died between lookup and open: resolve again, which now skips it.
-                return await self._open_source(name)
+                return await self._open_source(await self.resolve(name))
         else:
             assert self.fetcher is not None
             if source.download is None and self.store_max_size and source.size:
@@ -225,22 +253,11 @@ class Resolver:
                      f" (fallback: {'; '.join(source.skipped)})" if source.skipped else "")
             reader = DownloadReader(os.dup(download.fd), str(self.store.partial_path(name)), download,
                                     self.drop_cache)
-            # Pages the kernel cached while this download ran are its bytes: keep them for those who join it.
-            return reader, joining
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        keep_cache = self._identities.get(name) == (identity, True)
-        if self.fetcher is not None and name in self.fetcher.completed:
-            # Downloaded by this daemon: every page the kernel cached came from this very file.
-            self.fetcher.completed.discard(name)
-            keep_cache = source.kind == LOCAL
-        # A shared file changed within the last seconds may change again without its identity showing it (network
-        # filesystems with whole-second mtimes and path-based inode numbers, like sshfs): trust it only once it
-        # has been left alone for longer than any mtime granularity ("racily clean", as git calls it). The store
-        # is a local filesystem with nanosecond mtimes and real inode numbers.
-        settled = source.kind == LOCAL or time.time_ns() - st.st_mtime_ns > STABLE_AFTER_NS
-        self._identities[name] = (identity, settled)
-        log.info("open %s: %s %s%s", name, source.kind, source.path, "" if keep_cache else " (page cache renewed)")
-        return reader, keep_cache
+            reader.identity = self._download_identity(download, source.size)
+            return reader
+        reader.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        reader.trusted = source.kind == LOCAL or settled(st.st_mtime_ns)
+        return reader
 
     def _make_room(self, name: str, size: int) -> None:
         assert self.store_max_size and self.fetcher is not None

@@ -1,0 +1,203 @@
+"""FUSE inodes and open files: one inode per directory path, one per *version* of a model file.
+
+The kernel keys its page cache, and with passthrough its backing file, by inode. If two versions of a model
+shared an inode, a reader of the old one could get pages of the new one. So a model file's inode stands for one
+identity of its backing file (device, inode, size, mtime): a replaced file gets a new inode at the next lookup,
+and handles opened before keep the old inode, its pages and its file. Every handle of one inode shares one open
+file (`OpenFile`): all of them read the same bytes by construction, and the kernel's rule of one backing file
+(and one I/O mode) per inode holds. An open that reaches an inode whose version is no longer the name's file (a
+dentry the kernel cached for up to ENTRY_TIMEOUT) fails with ESTALE; the kernel then looks the name up again
+(LOOKUP_REVAL) and opens the new inode, so the opener never notices.
+
+Cost: one small record per inode the kernel knows. Versions the kernel has forgotten and nobody holds open are
+dropped; each name keeps at most its newest version beyond that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from .errors import Failure
+from .passthrough import Passthrough
+from .readers import Reader
+from .resolver import Resolver, Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """The one open backing file every handle of a version reads."""
+
+    reader: Reader
+    backing_id: int = 0  # registered with the kernel for passthrough; 0: the daemon serves reads
+    handles: int = 0
+
+    @property
+    def io(self) -> str:
+        return "passthrough" if self.backing_id else "daemon"
+
+
+@dataclass(eq=False)
+class Version:
+    """One inode of a model file: a name bound to one identity of its file."""
+
+    inode: int
+    path: str  # in the mount, e.g. "org/model.gguf"
+    source: Source  # what lookup saw: attributes the kernel has, and the identity they belong to
+    lookups: int = 0  # the kernel's references (lookup and readdirplus replies minus forgets)
+    file: OpenFile | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    def same_file(self, source: Source) -> bool:
+        """Whether `source` is provably this version's file, so that its handles and pages may be shared."""
+        if source.identity is None:  # a router model not downloading: no file yet, so no pages to be wrong
+            return self.source.identity is None and self.source.size == source.size
+        return source.identity == self.source.identity and (self.source.trusted or self.file is None)
+
+
+class Inodes:
+    """Inode numbers (never reused while mounted), lookup counts, and the open file behind each version."""
+
+    def __init__(self, resolver: Resolver, passthrough: Passthrough) -> None:
+        self.resolver = resolver
+        self.passthrough = passthrough
+        self._dirs: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        self._dir_paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
+        self._versions: dict[int, Version] = {}
+        self._current: dict[str, Version] = {}  # mount path -> its newest version
+        self._handles: dict[int, Version] = {}  # file handle -> the version it reads
+        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._next_fh = 1
+
+    def _new_inode(self) -> int:
+        inode = self._next_inode
+        self._next_inode += 1
+        return inode
+
+    # Inodes.
+
+    def directory(self, path: str) -> int:
+        inode = self._dirs.get(path)
+        if inode is None:
+            inode = self._dirs[path] = self._new_inode()
+            self._dir_paths[inode] = path
+        return inode
+
+    def dir_path(self, inode: int) -> str | None:
+        return self._dir_paths.get(inode)
+
+    def version(self, inode: int) -> Version | None:
+        return self._versions.get(inode)
+
+    def entry(self, path: str, source: Source) -> Version:
+        """The inode to show for `path` now that its file is `source`; a new one if the file changed."""
+        current = self._current.get(path)
+        if current is not None and current.same_file(source):
+            # The same file, maybe by another route (a finished download is now in the store). Only an open that
+            # dropped the inode's pages may make it trusted (`_adopt`).
+            current.source = dataclasses.replace(source, trusted=current.source.trusted)
+            return current
+        version = Version(self._new_inode(), path, source)
+        self._versions[version.inode] = version
+        self._current[path] = version
+        if current is not None:
+            log.debug("%s: new version, inode %d (was %d)", path, version.inode, current.inode)
+            self._drop_if_unused(current)
+        return version
+
+    def forget(self, inode: int, count: int) -> None:
+        version = self._versions.get(inode)
+        if version is not None:
+            version.lookups -= count
+            self._drop_if_unused(version)
+
+    def _drop_if_unused(self, version: Version) -> None:
+        if version.lookups <= 0 and version.file is None and self._current.get(version.path) is not version:
+            del self._versions[version.inode]
+
+    def counts(self) -> dict[str, int]:
+        """For status: how many inodes and open files the daemon holds."""
+        return {"directories": len(self._dirs), "versions": len(self._versions),
+                "open_files": sum(1 for v in self._versions.values() if v.file is not None),
+                "handles": len(self._handles)}
+
+    # Open files.
+
+    async def open(self, version: Version) -> tuple[int, OpenFile, bool]:
+        """A new handle on `version`: (fh, its open file, whether the kernel may keep the inode's cached pages)."""
+        async with version.lock:
+            file = version.file
+            if file is not None:
+                # Handles are open: share their file if the name still is it, else send the opener to the new one.
+                if not version.same_file(await self.resolver.resolve(version.name)):
+                    raise self._stale(version)
+                keep_cache = True
+            else:
+                reader = await self.resolver.open(version.name)
+                try:
+                    keep_cache = self._adopt(version, reader)
+                    file = OpenFile(reader, await self.passthrough.register(reader))
+                except BaseException:
+                    await self.resolver.close(version.name, reader)
+                    raise
+                version.file = file
+                log.info("open %s: %s %s (inode %d, %s)", version.name, reader.source, reader.path, version.inode,
+                         "passthrough" if file.backing_id else "page cache kept" if keep_cache
+                         else "page cache renewed")
+            file.handles += 1
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = version
+            # The kernel refuses FOPEN_KEEP_CACHE with passthrough; its page cache is the backing file's then.
+            return fh, file, keep_cache and not file.backing_id
+
+    def _adopt(self, version: Version, reader: Reader) -> bool:
+        """Bind a version without open handles to the file just opened for it; whether its cached pages hold.
+
+        The same file: its pages are this file's if its identity proved it. Another file of the same size while
+        this is the name's newest inode (the file changed between lookup and open, or a router model's download
+        began): the kernel's attributes still hold, so adopt it and drop the pages. Otherwise ESTALE.
+        """
+        proven = version.source.trusted and version.source.identity == reader.identity
+        if reader.identity != version.source.identity:
+            if self._current.get(version.path) is not version or reader.identity[2] != version.source.size:
+                raise self._stale(version)
+            log.debug("%s: inode %d adopts %s", version.path, version.inode, reader.identity)
+        version.source = dataclasses.replace(version.source, identity=reader.identity, trusted=reader.trusted)
+        return proven
+
+    @staticmethod
+    def _stale(version: Version) -> Failure:
+        return Failure(errno.ESTALE, f"{version.path}: inode {version.inode} is an older version of the file")
+
+    def handle(self, fh: int) -> OpenFile:
+        file = self._handles[fh].file
+        assert file is not None
+        return file
+
+    async def release(self, fh: int) -> None:
+        version = self._handles.pop(fh)
+        async with version.lock:
+            file = version.file
+            assert file is not None
+            file.handles -= 1
+            if file.handles:
+                return
+            version.file = None
+            if file.backing_id:
+                self.passthrough.unregister(file.backing_id)
+            try:
+                await self.resolver.close(version.name, file.reader)
+            finally:
+                self._drop_if_unused(version)
