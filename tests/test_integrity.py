@@ -1,0 +1,193 @@
+"""A handle keeps the file it opened: a reader never gets bytes of two versions of a model.
+
+Reader A (a real process) opens a model and reads, or mmaps and touches, its first MiB; the model is then replaced
+the usual way (a new file renamed over it, same size); reader B opens the name and must get the new version in
+full, and A the rest of the old one, in both orders (A first, B first), and whether B opens at once (through the
+dentry the kernel still has) or after the settle time. Every byte is compared with the version each opened. The
+same for the other ways a name changes its file: removed from the store and downloaded again, moved from a shared
+directory to the store, and a download finishing under streaming handles. Run with the daemon read path and with
+passthrough where the machine has it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import gguf_bytes, wait_for, write_model
+
+MB = 1 << 20
+SIZE = 3 * MB + 4096 + 17  # not a multiple of a page: the tail page matters too
+SETTLE = 2.2  # past the store's and shared dirs' "recently changed" window and the kernel's entry cache
+
+# A child holding one file of the mount by read or mmap: touches [0, FIRST) on start, says "ready", then on
+# "rest" reads (or touches) everything else and prints the sha256 of all the bytes it saw and its fstat size.
+_HOLD = r"""
+import hashlib, mmap, os, sys
+path, how, first = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fd = os.open(path, os.O_RDONLY)
+size = os.fstat(fd).st_size
+if how == "mmap":
+    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    head = bytes(mm[:first])
+else:
+    head = os.pread(fd, first, 0)
+print("ready", flush=True)
+sys.stdin.readline()
+if how == "mmap":
+    rest = bytes(mm[first:])
+    head2 = bytes(mm[:first])  # the pages touched before the replacement, touched again
+else:
+    rest = os.pread(fd, size, first)
+    head2 = os.pread(fd, first, 0)
+ok = head2 == head
+print(hashlib.sha256(head + rest).hexdigest(), os.fstat(fd).st_size, "same-head" if ok else "head-changed",
+      flush=True)
+"""
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Holder:
+    def __init__(self, path: Path, how: str, first: int = MB) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path), how, str(first)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def rest(self) -> tuple[str, int, str]:
+        """(sha256 of every byte this handle read, its fstat size, whether its first MiB read the same again)."""
+        out, _ = self.proc.communicate("rest\n", timeout=30)
+        digest, size, head = out.split()
+        return digest, int(size), head
+
+
+def read_new(path: Path) -> bytes:
+    """What a new opener gets, in a new process."""
+    return subprocess.run(["cat", str(path)], capture_output=True, check=True, timeout=30).stdout
+
+
+def replace(path: Path, data: bytes) -> None:
+    """The usual way to update a model: write it aside, rename it over the old one."""
+    tmp = path.with_name(".incoming")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@pytest.fixture(params=["daemon"])
+def io(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def mount_args(io: str, *more: str) -> tuple[str, ...]:
+    return ("--passthrough", "on" if io == "passthrough" else "off", *more)
+
+
+@pytest.mark.parametrize("order", ["old-first", "new-first"])
+@pytest.mark.parametrize("how", ["read", "mmap"])
+@pytest.mark.parametrize("where", ["store", "shared"])
+def test_a_handle_keeps_its_version_when_the_model_is_replaced(mount, dirs, io, where, how, order):
+    root = dirs[where]
+    old = {n: gguf_bytes(SIZE, seed=i + 1) for i, n in enumerate(("now", "later"))}
+    new = {n: gguf_bytes(SIZE, seed=i + 11) for i, n in enumerate(("now", "later"))}
+    paths = {n: write_model(root, n, data) for n, data in old.items()}
+    m = mount(*mount_args(io, "--shared", str(dirs["shared"])))
+    holders = {n: Holder(m.model(n), how) for n in old}
+    for n in old:
+        replace(paths[n], new[n])
+
+    def old_reader_checks(n: str) -> None:
+        digest, size, head = holders[n].rest()
+        assert (digest, size, head) == (sha(old[n]), SIZE, "same-head"), f"{n}: the old handle saw new bytes"
+
+    if order == "old-first":
+        for n in old:
+            old_reader_checks(n)
+    # At once: the kernel still has the name's dentry and its old inode; the new opener must not land there.
+    assert read_new(m.model("now")) == new["now"]
+    time.sleep(SETTLE)
+    assert read_new(m.model("later")) == new["later"]
+    if order == "new-first":
+        for n in old:
+            old_reader_checks(n)
+    # And new openers keep seeing the new version, from one inode.
+    assert read_new(m.model("now")) == new["now"] and read_new(m.model("later")) == new["later"]
+
+
+def test_a_replacement_of_another_size_is_never_served_with_the_old_size(mount, dirs, io):
+    path = write_model(dirs["store"], "grow", gguf_bytes(SIZE, seed=1))
+    m = mount(*mount_args(io))
+    held = Holder(m.model("grow"), "mmap")
+    bigger = gguf_bytes(SIZE + 5 * MB, seed=2)
+    replace(path, bigger)
+    assert read_new(m.model("grow")) == bigger  # at once, through the kernel's cached dentry
+    assert os.stat(m.model("grow")).st_size == len(bigger)
+    assert held.rest() == (sha(gguf_bytes(SIZE, seed=1)), SIZE, "same-head")
+
+
+def test_gguf_reader_keeps_its_model_while_it_is_replaced(mount, dirs, io, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from ggufmaker import make_gguf, tensors_match
+
+    path = dirs["shared"] / "org" / "live" / "model.gguf"
+    v1 = make_gguf(path, seed=1, tensor_elems=64 * 1024)
+    v2 = make_gguf(tmp_path / "v2.gguf", seed=2, tensor_elems=64 * 1024)
+    assert path.stat().st_size == (tmp_path / "v2.gguf").stat().st_size
+    m = mount(*mount_args(io, "--shared", str(dirs["shared"])))
+    reader = gguf.GGUFReader(m.model("org/live"))  # memory-mapped, as llama.cpp loads a model
+    first = reader.tensors[0]
+    assert (first.data == v1[first.name]).all()
+    os.replace(tmp_path / "v2.gguf", path)
+    assert tensors_match(m.model("org/live"), v2)  # a new reader gets the new model
+    for tensor in reader.tensors:  # the running one keeps the old, every tensor
+        assert (tensor.data == v1[tensor.name]).all(), tensor.name
+
+
+@pytest.mark.parametrize("how", ["read", "mmap"])
+def test_shared_model_superseded_by_the_store(mount, dirs, io, how):
+    old, new = gguf_bytes(SIZE, seed=1), gguf_bytes(SIZE, seed=2)
+    write_model(dirs["shared"], "moved", old)
+    m = mount(*mount_args(io, "--shared", str(dirs["shared"])))
+    held = Holder(m.model("moved"), how)
+    write_model(dirs["store"], "moved", new)  # the store comes first from now on
+    time.sleep(SETTLE)
+    assert read_new(m.model("moved")) == new
+    assert os.getxattr(m.model("moved"), "user.modelfs.source") == b"local"
+    assert held.rest() == (sha(old), SIZE, "same-head")
+
+
+def test_model_removed_from_the_store_and_downloaded_again(mount, router, dirs, io):
+    old, new = gguf_bytes(SIZE, seed=1), gguf_bytes(SIZE, seed=2)
+    local = write_model(dirs["store"], "again", old)
+    r = router()
+    write_model(r.models_dir, "again", new)
+    m = mount(*mount_args(io, "--router", r.url))
+    held = Holder(m.model("again"), "mmap")
+    local.unlink()  # evicted or removed by an admin while a reader has it mapped
+    time.sleep(SETTLE)
+    assert read_new(m.model("again")) == new  # downloaded again from the router
+    wait_for(local.exists, what="the new download's promotion")
+    assert read_new(m.model("again")) == new
+    assert held.rest() == (sha(old), SIZE, "same-head")
+
+
+def test_streaming_handles_and_later_opens_agree_when_a_download_finishes(mount, router, dirs, io):
+    data = gguf_bytes(8 * MB + 3, seed=5)
+    r = router()
+    r.control(rate=4 * MB)  # slow enough that the first reader streams while the download runs
+    write_model(r.models_dir, "stream", data)
+    m = mount(*mount_args(io, "--router", r.url))
+    held = Holder(m.model("stream"), "read")  # opened while downloading: the daemon streams it
+    final = dirs["store"] / "stream" / "model.gguf"
+    wait_for(final.exists, timeout=30, what="promotion into the store")
+    assert read_new(m.model("stream")) == data  # opened after promotion, beside the streaming handle
+    assert held.rest() == (sha(data), len(data), "same-head")
+    assert read_new(m.model("stream")) == data  # and once every handle has closed
+    assert r.blob_gets("stream") == 1
