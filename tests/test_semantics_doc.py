@@ -65,3 +65,13 @@ def test_documented_name_errors(mount, dirs):
     with pytest.raises(OSError) as info:
         os.stat(m.path / ("a" * 256))
     assert info.value.errno == errno.ENAMETOOLONG
+
+
+def test_every_documented_version_case_has_its_test():
+    """The table in "Versions" names a test per case; each must exist in tests/test_integrity.py."""
+    section = DOC.read_text().split("## Versions: what an open handle reads", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"\| `(test_\w+)` \|", section)
+    source = (Path(__file__).parent / "test_integrity.py").read_text()
+    assert len(named) >= 6
+    missing = [name for name in named if f"def {name}(" not in source]
+    assert not missing, f"SEMANTICS.md names tests that do not exist: {missing}"
