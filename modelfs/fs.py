@@ -84,6 +84,13 @@ class ModelFS(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
 
+    def init(self) -> None:
+        """Called in the FUSE_INIT handler, after the capabilities are negotiated and before any request."""
+        self.passthrough.settle()
+        dirops: Any = getattr(pyfuse3, "parallel_dirops_granted", None)
+        if dirops is not None:
+            log.info("parallel directory operations %s", "granted" if dirops() else "not offered by the kernel")
+
     # Inodes and attributes.
 
     def _dir_path(self, inode: int) -> str:

@@ -176,7 +176,7 @@ async def _announce(mountpoint: Path, read_ahead_kb: int, passthrough: Passthrou
     learn whether passthrough was granted, tune read-ahead (FUSE_INIT would reset it) and tell whoever waits
     that the mount is live. `--passthrough on` without it ends the mount here, before anyone is told it is live."""
     await trio.to_thread.run_sync(os.stat, mountpoint)
-    passthrough.settle()
+    passthrough.require()
     set_read_ahead(mountpoint, read_ahead_kb)
     ready()
     sd_notify("READY=1\nSTATUS=serving")

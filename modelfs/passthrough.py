@@ -101,7 +101,7 @@ class Passthrough:
             raise PassthroughUnavailable(f"passthrough is on but unavailable: {obstacle}")
 
     def settle(self) -> None:
-        """After FUSE_INIT: whether the kernel granted it. Logs the mode once."""
+        """In the FUSE_INIT handler, before any other request: whether the kernel granted it. Logs the mode once."""
         if self.wanted:
             if _lib.passthrough_granted():
                 self.active = True
@@ -111,6 +111,9 @@ class Passthrough:
                 self.reason = "the kernel does not offer FUSE passthrough (needs Linux >= 6.9)"
         log.info("passthrough %s (mode %s): %s", "active" if self.active else "inactive, daemon read path",
                  self.mode, self.reason)
+
+    def require(self) -> None:
+        """After FUSE_INIT: `on` ends the mount when the kernel did not grant it."""
         if self.mode == "on" and not self.active:
             raise PassthroughUnavailable(f"passthrough is on but unavailable: {self.reason}")
 

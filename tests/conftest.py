@@ -107,20 +107,43 @@ def dirs(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+IO_PATHS = ("passthrough", "daemon")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `io_paths` run twice: with FUSE passthrough (`--passthrough on`: the mount fails rather than
+    fall back silently) and on the daemon read path (`off`), so the fallback stays tested."""
+    if metafunc.definition.get_closest_marker("io_paths") and "mount" in metafunc.fixturenames:
+        if "io" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("io")
+        metafunc.parametrize("io", IO_PATHS, indirect=True)
+
+
 @pytest.fixture
-def mount(dirs: dict[str, Path], tmp_path: Path, router: object) -> Iterator[object]:
+def io(request: pytest.FixtureRequest) -> str:
+    """The I/O path the test's mounts use: "passthrough", "daemon", or "auto" for unmarked tests."""
+    return str(getattr(request, "param", "auto"))
+
+
+@pytest.fixture
+def mount(dirs: dict[str, Path], tmp_path: Path, router: object, request: pytest.FixtureRequest) -> Iterator[object]:
     """`mount(*args, mountpoint=None, store=None)` → a started Mount; all are stopped and checked at teardown.
 
-    Depends on `router` so that routers outlive the mounts that use them.
+    Depends on `router` so that routers outlive the mounts that use them. Under the `io_paths` marker, every
+    mount of the test uses the I/O path of its `io` parameter; otherwise the default (`auto`).
     """
     reason = fuse_missing()
     if reason:
         pytest.skip(reason)
     mounts: list[Mount] = []
+    callspec = getattr(request.node, "callspec", None)
+    io = callspec.params.get("io") if callspec else None
 
     def start(*args: str, mountpoint: Path | None = None, store: Path | None = None,
               env: dict[str, str] | None = None) -> Mount:
         environment = {k: v for k, v in os.environ.items() if not k.startswith(("MODELFS_", "LLM_"))}
+        if io is not None:
+            environment["MODELFS_PASSTHROUGH"] = "on" if io == "passthrough" else "off"
         environment.update(env or {})
         m = Mount(mountpoint or dirs["mnt"], store or dirs["store"], list(args),
                   tmp_path / f"modelfs-{len(mounts)}.log", environment)

@@ -69,6 +69,11 @@ class Holder:
         return digest, int(size), head
 
 
+def assert_io(path: Path, io: str) -> None:
+    """The handles open on `path` are served the way the test's I/O path says (no silent fallback)."""
+    assert os.getxattr(path, "user.modelfs.io").decode() == io
+
+
 def read_new(path: Path) -> bytes:
     """What a new opener gets, in a new process."""
     return subprocess.run(["cat", str(path)], capture_output=True, check=True, timeout=30).stdout
@@ -81,12 +86,11 @@ def replace(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-@pytest.fixture(params=["daemon"])
-def io(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+pytestmark = pytest.mark.io_paths
 
 
 def mount_args(io: str, *more: str) -> tuple[str, ...]:
+    """Each test mounts with the I/O path of its `io` parameter (conftest); say it in the command line too."""
     return ("--passthrough", "on" if io == "passthrough" else "off", *more)
 
 
@@ -101,6 +105,7 @@ def test_a_handle_keeps_its_version_when_the_model_is_replaced(mount, dirs, io, 
     m = mount(*mount_args(io, "--shared", str(dirs["shared"])))
     holders = {n: Holder(m.model(n), how) for n in old}
     for n in old:
+        assert_io(m.model(n), io)
         replace(paths[n], new[n])
 
     def old_reader_checks(n: str) -> None:
@@ -125,6 +130,7 @@ def test_a_replacement_of_another_size_is_never_served_with_the_old_size(mount, 
     path = write_model(dirs["store"], "grow", gguf_bytes(SIZE, seed=1))
     m = mount(*mount_args(io))
     held = Holder(m.model("grow"), "mmap")
+    assert_io(m.model("grow"), io)
     bigger = gguf_bytes(SIZE + 5 * MB, seed=2)
     replace(path, bigger)
     assert read_new(m.model("grow")) == bigger  # at once, through the kernel's cached dentry
@@ -156,6 +162,7 @@ def test_shared_model_superseded_by_the_store(mount, dirs, io, how):
     write_model(dirs["shared"], "moved", old)
     m = mount(*mount_args(io, "--shared", str(dirs["shared"])))
     held = Holder(m.model("moved"), how)
+    assert_io(m.model("moved"), io)
     write_model(dirs["store"], "moved", new)  # the store comes first from now on
     time.sleep(SETTLE)
     assert read_new(m.model("moved")) == new
@@ -170,6 +177,7 @@ def test_model_removed_from_the_store_and_downloaded_again(mount, router, dirs, 
     write_model(r.models_dir, "again", new)
     m = mount(*mount_args(io, "--router", r.url))
     held = Holder(m.model("again"), "mmap")
+    assert_io(m.model("again"), io)
     local.unlink()  # evicted or removed by an admin while a reader has it mapped
     time.sleep(SETTLE)
     assert read_new(m.model("again")) == new  # downloaded again from the router
@@ -185,9 +193,12 @@ def test_streaming_handles_and_later_opens_agree_when_a_download_finishes(mount,
     write_model(r.models_dir, "stream", data)
     m = mount(*mount_args(io, "--router", r.url))
     held = Holder(m.model("stream"), "read")  # opened while downloading: the daemon streams it
+    assert_io(m.model("stream"), "daemon")
     final = dirs["store"] / "stream" / "model.gguf"
     wait_for(final.exists, timeout=30, what="promotion into the store")
     assert read_new(m.model("stream")) == data  # opened after promotion, beside the streaming handle
     assert held.rest() == (sha(data), len(data), "same-head")
     assert read_new(m.model("stream")) == data  # and once every handle has closed
+    with open(m.model("stream"), "rb"):
+        assert_io(m.model("stream"), io)  # a complete file now: passthrough where the test asks for it
     assert r.blob_gets("stream") == 1

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import gguf_bytes, wait_for, write_model
 
+#: Every read here runs with FUSE passthrough and with the daemon read path.
+pytestmark = pytest.mark.io_paths
+
 
 def test_local_and_shared_reads_are_byte_identical_and_in_place(mount, dirs):
     local = write_model(dirs["store"], "llama", gguf_bytes(3_000_001))

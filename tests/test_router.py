@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import gguf_bytes, wait_for, write_model
 
+#: Every read here runs with FUSE passthrough and with the daemon read path.
+pytestmark = pytest.mark.io_paths
+
 MB = 1 << 20
 
 

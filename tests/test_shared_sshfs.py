@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import queue
 import subprocess
@@ -25,7 +26,8 @@ from conftest import gguf_bytes, write_model
 from sshfs import Sshd, SshfsMount, sshfs_available
 
 _REASON = sshfs_available()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+#: Every read here runs with FUSE passthrough and with the daemon read path.
+pytestmark = [pytest.mark.skipif(_REASON is not None, reason=_REASON or ""), pytest.mark.io_paths]
 
 #: --shared-timeout of every mount here: how long a lookup or read may wait on a hung shared directory.
 SHARED_TIMEOUT = 1.0
@@ -336,3 +338,60 @@ def test_read_of_an_open_file_on_a_hung_dir_is_eio_not_a_hang(mount, dirs, remot
     # The same open file reads again once the prober has seen the directory answer.
     assert eventually(lambda: holder.ask(f"read {offset}")[0] == "ok 65536", 5), m.log_text()
     assert access(("read", m.model("qwen")))[0]["value"] == digest(data)
+
+
+def test_io_path_per_backing_filesystem(mount, dirs, sshd, tmp_path, io, holders):
+    """sshfs with direct_io cannot map files shared, so passthrough would break mmap there: its files take the
+    daemon path. sshfs with its default options maps them, so they are passed through (when the test's I/O path
+    is passthrough)."""
+    direct, cached = tmp_path / "direct", tmp_path / "cached"
+    for server in (direct, cached):
+        server.mkdir()
+    write_model(direct, "a", gguf_bytes(2_000_003, seed=1))
+    write_model(cached, "b", gguf_bytes(2_000_003, seed=2))
+    with SshfsMount(sshd, str(direct), str(dirs["shared"])), \
+            SshfsMount(sshd, str(cached), str(dirs["shared2"]), direct_io=False):
+        m = mount(*mount_args(dirs))
+        for name, seed, expected in (("a", 1, "daemon"), ("b", 2, "passthrough" if io == "passthrough" else "daemon")):
+            held = holders(m.model(name))
+            assert os.getxattr(m.model(name), "user.modelfs.io").decode() == expected, m.log_text()
+            with open(m.model(name), "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                assert mm[:] == gguf_bytes(2_000_003, seed=seed)
+            held.kill()
+        if io == "passthrough":
+            assert "cannot map files shared" in m.log_text()
+
+
+def test_passthrough_reader_of_a_hung_server_waits_there_while_the_daemon_serves_others(
+        mount, dirs, sshd, tmp_path, io, holders):
+    """With passthrough the kernel reads the backing file itself: a reader of a hung server waits in that
+    filesystem's client, as a direct reader would, and the daemon is not involved, so every other model is
+    served as before. On the daemon path the same read is EIO after the shared timeout (test above)."""
+    if io != "passthrough":
+        pytest.skip("the daemon path's behaviour is tested above")
+    server = tmp_path / "server"
+    server.mkdir()
+    data = gguf_bytes(8 << 20)
+    write_model(server, "qwen", data)
+    write_model(dirs["store"], "llama", b"GGUF-local")
+    with SshfsMount(sshd, str(server), str(dirs["shared"]), direct_io=False) as sshfs:
+        m = mount(*mount_args(dirs))
+        holder = holders(m.model("qwen"))
+        assert os.getxattr(m.model("qwen"), "user.modelfs.io") == b"passthrough"
+        sshfs.stop()
+        def read_far() -> None:
+            try:
+                holder.ask(f"read {7 << 20}", timeout=30)
+            except BaseException:  # noqa: BLE001 - the child is killed below, mid-read: that ends this wait
+                pass
+
+        reading = threading.Thread(target=read_far, daemon=True)
+        reading.start()
+        time.sleep(0.5)
+        assert reading.is_alive()  # waiting in sshfs, like a reader of the NFS path itself
+        start = time.monotonic()
+        assert access(("read", m.model("llama")))[0]["value"] == digest(b"GGUF-local")
+        assert time.monotonic() - start < SERVED_WITHIN
+        holder.kill()  # a wait in a FUSE client is killable
+        sshfs.cont()
+        assert access(("read", m.model("qwen")))[0]["value"] == digest(data)
