@@ -3,7 +3,8 @@
 A tiny pyfuse3 filesystem, in a subprocess, serves one file whose opens are passed through to a backing file:
 it registers the backing file with FUSE_DEV_IOC_BACKING_OPEN on `pyfuse3.session_fd()` and returns
 `FileInfo(fh=..., backing_id=...)`. `cat` and an mmap then read the right bytes while the daemon's `read` is never
-called, so the kernel served them from the backing file. This tests the library chain only, not modelfs.
+called, so the kernel served them from the backing file; libfuse's debug log shows FUSE_PARALLEL_DIROPS in the
+INIT reply. This tests the library chain only, not modelfs.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Fs(pyfuse3.Operations):
 
 
 ids = {}
-pyfuse3.init(Fs(), mountpoint, set(pyfuse3.default_options) | {"fsname=passthrough-test"})
+pyfuse3.init(Fs(), mountpoint, set(pyfuse3.default_options) | {"fsname=passthrough-test", "debug"})
 try:
     trio.run(pyfuse3.main)
 finally:
@@ -139,3 +140,7 @@ def test_passthrough_cat_and_mmap(tmp_path: Path) -> None:
     assert state["parallel_dirops"] is True
     assert state["opens"] == 2 and all(i > 0 for i in state["backing_ids"]), state
     assert state["reads"] == 0, "reads reached the daemon: not passed through"
+    # libfuse's debug log of its INIT reply: the flags the kernel was sent (FUSE_PARALLEL_DIROPS is bit 18).
+    reply = err.decode(errors="replace").split("   INIT: ", 1)[1]
+    flags = int(reply.split("   flags=", 1)[1].split()[0], 16)
+    assert flags & (1 << 18), f"INIT reply flags {flags:#x} lack FUSE_PARALLEL_DIROPS"
