@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import fuse_missing
 from sshfs import is_mounted
 
