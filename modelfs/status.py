@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,14 @@ def prefetch(mountpoint: Path, name: str) -> str | None:
             bar.join()
     finally:
         os.close(fd)
+    # The last byte is readable as soon as it is written, before the download is verified and moved into the
+    # store; the daemon says "downloading" until then. Wait for that, so the model is in the store on return.
+    state = _xattr(path, "progress")
+    while state.startswith("downloading"):
+        time.sleep(0.02)
+        state = _xattr(path, "progress")
+    if state != "complete":
+        return state or f"{path}: no download state"
     if sys.stderr.isatty():
         return None
     print(f"{name}: complete, {size} bytes", file=sys.stderr)

@@ -37,8 +37,10 @@ def test_router_only_model_is_listed_stat_without_download_then_streamed(mount, 
     final = dirs["store"] / "org" / "remote" / "model.gguf"
     wait_for(final.exists, what="promotion into the store")
     assert final.read_bytes() == data
-    # No partial or sidecar left; a marker says modelfs downloaded it (only such models may be evicted).
-    assert sorted(p.name for p in final.parent.iterdir()) == [".modelfs-downloaded", "model.gguf"]
+    # No partial or sidecar left; a marker says modelfs downloaded it (only such models may be evicted). The
+    # sidecar goes after the rename and the directory's fsync, so give it a moment.
+    wait_for(lambda: sorted(p.name for p in final.parent.iterdir()) == [".modelfs-downloaded", "model.gguf"],
+             what="only the model and its marker in the store directory")
     assert os.getxattr(m.model("org/remote"), "user.modelfs.source") == b"local"
     assert os.stat(m.model("org/remote")).st_mtime_ns == final.stat().st_mtime_ns  # what stat showed before
     assert m.model("org/remote").read_bytes() == data
