@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,9 +57,12 @@ def sha(data: bytes) -> str:
 
 
 class Holder:
+    started: list[Holder] = []
+
     def __init__(self, path: Path, how: str, first: int = MB) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path), how, str(first)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        Holder.started.append(self)
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline().strip() == "ready"
 
@@ -67,6 +71,17 @@ class Holder:
         out, _ = self.proc.communicate("rest\n", timeout=30)
         digest, size, head = out.split()
         return digest, int(size), head
+
+
+@pytest.fixture(autouse=True)
+def no_holder_left(mount: object) -> Iterator[None]:
+    """A test that fails midway leaves no reader behind (it would hold the mount and warn at exit)."""
+    yield
+    for holder in Holder.started:
+        if holder.proc.poll() is None:
+            holder.proc.kill()
+        holder.proc.communicate(timeout=10)
+    Holder.started.clear()
 
 
 def assert_io(path: Path, io: str) -> None:

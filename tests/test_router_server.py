@@ -289,7 +289,10 @@ def test_fault_hang_cleared_closes_connection(llmlb: RouterProcess) -> None:
 
     t = threading.Thread(target=hung_head)
     t.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 5  # until the server holds the request (a loaded machine may take a while)
+    while not any(r["method"] == "HEAD" for r in llmlb.stats()["requests"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
     assert t.is_alive()
     llmlb.control(hang=False)
     t.join(2)

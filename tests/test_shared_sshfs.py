@@ -226,7 +226,7 @@ def test_remote_rewrite_and_rename_replace_are_seen_on_next_open(mount, dirs, re
     tmp = path.with_name("tmp")
     tmp.write_bytes(b"GGUF-version-2")
     os.replace(tmp, path)
-    assert access(("read", m.model("live")))[0]["value"] == digest(b"GGUF-version-2")
+    assert access(("read", m.model("live")))[0]["value"] == digest(b"GGUF-version-2"), m.log_text()
     inodes.append(os.stat(m.model("live")).st_ino)
     # Rewritten in place with another size: seen once the kernel's 1 s attribute cache of the mount expires.
     path.write_bytes(b"GGUF-version-three")
@@ -243,16 +243,18 @@ def test_remote_rewrite_and_rename_replace_are_seen_on_next_open(mount, dirs, re
 def test_same_size_replacement_within_the_same_second_is_seen(mount, dirs, remote):
     """sshfs has path-based inode numbers and whole-second mtimes: a same-size replacement within the same second
     keeps (dev, ino, size, mtime), so only distrusting a recently modified file's identity keeps this fresh."""
-    path = write_model(remote.dir, "live", b"GGUF-version-1")
-    second = time.time_ns() // 10**9 * 10**9
-    os.utime(path, ns=(second, second + 100_000_000))
     m = mount(*mount_args(dirs))
+    # The first look must come within the 2 s "recently changed" window of the file's mtime, so it is written
+    # only now that the mount is up (a forged mtime in the past would defeat the window, not test it).
+    second = time.time_ns() // 10**9 * 10**9
+    path = write_model(remote.dir, "live", b"GGUF-version-1")
+    os.utime(path, ns=(second, second + 100_000_000))
     assert access(("read", m.model("live")))[0]["value"] == digest(b"GGUF-version-1")
     tmp = path.with_name("tmp")
     tmp.write_bytes(b"GGUF-version-2")
     os.utime(tmp, ns=(second, second + 600_000_000))  # 0.5 s later, as a quick re-publish would be
     os.replace(tmp, path)
-    assert access(("read", m.model("live")))[0]["value"] == digest(b"GGUF-version-2")
+    assert access(("read", m.model("live")))[0]["value"] == digest(b"GGUF-version-2"), m.log_text()
 
 
 def test_hung_sshfs_is_skipped_and_comes_back(mount, dirs, remote):
