@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -44,7 +44,7 @@ class OpenFile:
         return "passthrough" if self.backing_id else "daemon"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Version:
     """One inode of a model file: a name bound to one identity of its file."""
 
@@ -53,11 +53,17 @@ class Version:
     source: Source  # what lookup saw: attributes the kernel has, and the identity they belong to
     lookups: int = 0  # the kernel's references (lookup and readdirplus replies minus forgets)
     file: OpenFile | None = None
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    _lock: trio.Lock | None = None  # made at the first open: most inodes are only ever looked up or listed
 
     @property
     def name(self) -> str:
         return self.source.name
+
+    @property
+    def lock(self) -> trio.Lock:
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
 
     def same_file(self, source: Source) -> bool:
         """Whether `source` is provably this version's file, so that its handles and pages may be shared."""

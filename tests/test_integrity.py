@@ -12,6 +12,7 @@ passthrough where the machine has it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -217,3 +218,24 @@ def test_streaming_handles_and_later_opens_agree_when_a_download_finishes(mount,
     with open(m.model("stream"), "rb"):
         assert_io(m.model("stream"), io)  # a complete file now: passthrough where the test asks for it
     assert r.blob_gets("stream") == 1
+
+
+def test_old_versions_are_forgotten_once_closed(mount, dirs, io):
+    """What the scheme costs: an inode per version only while a handle or the kernel still has it."""
+    path = write_model(dirs["store"], "churn", b"GGUF0000")
+    m = mount(*mount_args(io))
+    held = []
+    for i in range(1, 21):
+        held.append(open(m.model("churn"), "rb"))  # noqa: SIM115 - closed below, all at once
+        replace(path, b"GGUF%04d" % i)
+        assert read_new(m.model("churn")) == b"GGUF%04d" % i
+    assert [f.read() for f in held] == [b"GGUF%04d" % i for i in range(20)]
+
+    def inodes() -> dict[str, int]:
+        return json.loads(os.getxattr(m.path, "user.modelfs.status"))["inodes"]
+
+    assert inodes()["versions"] == 21 and inodes()["handles"] == 20
+    for f in held:
+        f.close()
+    wait_for(lambda: inodes() == {"directories": 1, "versions": 1, "open_files": 0, "handles": 0},
+             what="old versions to be forgotten")
