@@ -18,7 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from . import __version__, names
+from . import __version__, metrics, names
 from .errors import Failure
 from .readers import Reader
 from .resolver import Resolver, Source
@@ -203,7 +203,9 @@ class ModelFS(pyfuse3.Operations):
 
     @translated
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
-        return await self._files[fh][1].read(off, size)
+        data = await self._files[fh][1].read(off, size)
+        metrics.DAEMON_READ_BYTES.inc(len(data))
+        return data
 
     @translated
     async def release(self, fh: int) -> None:
@@ -216,8 +218,9 @@ class ModelFS(pyfuse3.Operations):
         path = self._path(inode)
         model = self._model(path)
         if model is None:
+            entries = {"user.modelfs.entries": json.dumps(await self.resolver.describe_dir(path)).encode()}
             if path:
-                return {}
+                return entries
             status = {"version": __version__, **self.resolver.status()}
             store = status["store"]
             assert isinstance(store, dict)
@@ -225,7 +228,7 @@ class ModelFS(pyfuse3.Operations):
                     "user.modelfs.store_usage": str(store["usage_bytes"]).encode(),
                     "user.modelfs.shared": json.dumps(status["shared"]).encode(),
                     "user.modelfs.routers": json.dumps(status["routers"]).encode(),
-                    "user.modelfs.status": json.dumps(status).encode()}
+                    "user.modelfs.status": json.dumps(status).encode(), **entries}
         source = await self.resolver.resolve(model)
         return {"user.modelfs.source": source.kind.encode(), "user.modelfs.path": str(source.path).encode(),
                 "user.modelfs.progress": (await self.resolver.progress(model)).encode()}

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,40 @@ def _xattr(path: Path, key: str) -> str:
 
 
 def read_status(mountpoint: Path) -> dict[str, Any]:
-    """The daemon's state and every model it lists, with source, size, progress and backing path."""
+    """The daemon's state and every model it lists, with source, size, progress and backing path.
+
+    One `user.modelfs.entries` xattr per directory describes all its models, so 15,000 models cost a few hundred
+    requests to the daemon, not three per model. A directory too large for one xattr value (64 KiB) is read
+    entry by entry instead.
+    """
     raw = _xattr(mountpoint, "status")
     if not raw:
         raise RuntimeError(f"{mountpoint} is not a running modelfs mount")
     state: dict[str, Any] = json.loads(raw)
+    models: list[dict[str, Any]] = []
+    pending = [mountpoint]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = json.loads(os.getxattr(directory, "user.modelfs.entries"))
+        except OSError:
+            models.extend(_read_one_by_one(mountpoint, directory, pending))
+            continue
+        for name, model in entries["models"].items():
+            models.append({"name": name, **model})
+        pending.extend(directory / child for child in entries["dirs"])
+    state["models"] = sorted(models, key=lambda model: str(model["name"]))
+    return state
+
+
+def _read_one_by_one(mountpoint: Path, directory: Path, pending: list[Path]) -> list[dict[str, Any]]:
     models = []
-    for dirpath, _dirs, files in os.walk(mountpoint):
-        for filename in sorted(files):
-            path = Path(dirpath) / filename
+    with os.scandir(directory) as scan:
+        for entry in scan:
+            path = Path(entry.path)
+            if entry.is_dir():
+                pending.append(path)
+                continue
             name = path.relative_to(mountpoint).as_posix()[: -len(names.SUFFIX)]
             try:
                 size = path.stat().st_size
@@ -41,8 +67,7 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
                 continue
             models.append({"name": name, "source": _xattr(path, "source"), "size": size,
                            "state": _xattr(path, "progress"), "path": _xattr(path, "path")})
-    state["models"] = models
-    return state
+    return models
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -99,6 +124,7 @@ def prefetch(mountpoint: Path, name: str) -> str | None:
         try:
             # Waits until the download has written the last byte: it is sequential, so that means all of it.
             os.pread(fd, 1, max(size - 1, 0))
+            state = _wait_for_promotion(path)
         except OSError as exc:
             detail = _xattr(path, "progress")
             return f"{exc.strerror}" + (f" ({detail})" if detail.startswith("failed") else "")
@@ -107,10 +133,24 @@ def prefetch(mountpoint: Path, name: str) -> str | None:
             bar.join()
     finally:
         os.close(fd)
+    if state != "complete":
+        return state.removeprefix("failed: ") or "the daemon no longer knows the model"
     if sys.stderr.isatty():
         return None
     print(f"{name}: complete, {size} bytes", file=sys.stderr)
     return None
+
+
+def _wait_for_promotion(path: Path) -> str:
+    """Once every byte is on disk the download is still verified (digest) and renamed into the store: wait
+    until the daemon says `complete` (promoted) or anything else that is not `downloading`/`verifying`."""
+    delay = 0.01
+    while True:
+        state = _xattr(path, "progress")
+        if not state.startswith(("downloading", "verifying")):
+            return state
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _show_progress(path: Path, name: str, size: int, done: threading.Event) -> None:
