@@ -235,6 +235,8 @@ class ModelFS(pyfuse3.Operations):
 
     @translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(b"user.modelfs."):  # `ls -l` asks every entry for ACLs and labels: answer at once
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = (await self._xattrs(inode)).get(name.decode(errors="replace"))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

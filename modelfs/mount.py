@@ -133,7 +133,7 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
     fetcher = Fetcher(store, router, config.retries, started_ns) if router else None
     resolver = Resolver(config, store, shared, router, fetcher, started_ns)
     operations = ModelFS(resolver)
-    server = start_metrics(config, store, shared)
+    server = start_metrics(config, resolver, shared)
     try:
         pyfuse3.init(operations, str(mountpoint), options(config))
     except RuntimeError as exc:
@@ -154,10 +154,10 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
         log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
 
 
-def start_metrics(config: Config, store: Store, shared: list[SharedDir]) -> metrics.MetricsServer | None:
+def start_metrics(config: Config, resolver: Resolver, shared: list[SharedDir]) -> metrics.MetricsServer | None:
     """The Prometheus endpoint (`--metrics`), before the mount exists: a port in use is a start-up error."""
-    metrics.init_labels([(str(d.root), functools.partial(getattr, d, "available")) for d in shared], store.usage,
-                        config.store_max_size)
+    metrics.init_labels([(str(d.root), functools.partial(getattr, d, "available")) for d in shared],
+                        resolver.store_usage, config.store_max_size)
     if config.metrics is None:
         return None
     host, port = config.metrics

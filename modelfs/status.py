@@ -7,6 +7,7 @@ root and on each model file), as CernVM-FS exposes its state, so what they show 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -16,6 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from . import names
+
+_libc = ctypes.CDLL(None, use_errno=True)
+XATTR_SIZE_MAX = 65536
+
+
+def _big_xattr(path: Path, key: str) -> bytes:
+    """getxattr with a 64 KiB buffer at once: os.getxattr first tries 128 bytes, so a large value costs the
+    daemon two requests (and two listings)."""
+    buffer = ctypes.create_string_buffer(XATTR_SIZE_MAX)
+    size = _libc.getxattr(os.fsencode(path), key.encode(), buffer, XATTR_SIZE_MAX)
+    if size < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return buffer.raw[:size]
 
 
 def _xattr(path: Path, key: str) -> str:
@@ -32,7 +47,10 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
     requests to the daemon, not three per model. A directory too large for one xattr value (64 KiB) is read
     entry by entry instead.
     """
-    raw = _xattr(mountpoint, "status")
+    try:
+        raw = _big_xattr(mountpoint, "user.modelfs.status").decode()
+    except OSError:
+        raw = ""
     if not raw:
         raise RuntimeError(f"{mountpoint} is not a running modelfs mount")
     state: dict[str, Any] = json.loads(raw)
@@ -41,7 +59,7 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
     while pending:
         directory = pending.pop()
         try:
-            entries = json.loads(os.getxattr(directory, "user.modelfs.entries"))
+            entries = json.loads(_big_xattr(directory, "user.modelfs.entries"))
         except OSError:
             models.extend(_read_one_by_one(mountpoint, directory, pending))
             continue
