@@ -109,10 +109,16 @@ class Resolver:
         raise not_found(message)
 
     async def _remote(self, name: str, looked: list[str]) -> Source | None:
-        """A router source for `name` without fetching a byte: a running download, the list, or a HEAD."""
+        """A router source for `name` without fetching a byte: a running download, the list, or a HEAD (or the
+        store's copy, when a download finished meanwhile)."""
         download = self.fetcher.downloads.get(name) if self.fetcher else None
         if download is not None:
             return self._router_source(name, download.total or 0, download)
+        # A download that ended while the shared directories were asked is in the store now (it is promoted
+        # before it leaves `downloads`): without this second look, the open would download it all over again.
+        found = self.store.find(name)
+        if found is not None:
+            return self._local(name, found)
         if self.router is None:
             return None
         # The list answers without a request (also when expired: its refresh runs in the background, so a
@@ -179,8 +185,8 @@ class Resolver:
             log.info("keeping the routers' model list of %s: %s", "before" if self._router_list else "none", exc)
             if self._router_list is None:
                 self._router_list = {}
-        except Exception:  # a background task must never take the daemon down
-            log.exception("refresh of the routers' model list failed")
+        except Exception as exc:  # a background task must never take the daemon down (e.g. at unmount)
+            log.warning("refresh of the routers' model list failed: %r", exc)
         finally:
             self._router_list_at = time.monotonic()
             self._refreshing = False
