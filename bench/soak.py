@@ -69,7 +69,7 @@ def reader(spec: dict[str, Any]) -> dict[str, Any]:
     mnt = Path(spec["mount"])
     bound = spec["bound"]
     tallies: dict[str, Any] = {"bytes": 0, "wrong": 0, "hung": 0, "reads": 0, "opens": 0, "errors": Counter(),
-                               "slowest": 0.0, "wrong_reads": [], "short": 0}
+                               "slowest": 0.0, "wrong_reads": [], "short": 0, "slow_calls": []}
     max_read = spec["max_read"]
     while time.time() < spec["deadline"]:
         now = time.time()
@@ -84,9 +84,7 @@ def reader(spec: dict[str, Any]) -> dict[str, Any]:
             time.sleep(0.05)
             continue
         finally:
-            took = time.monotonic() - started
-            tallies["slowest"] = max(tallies["slowest"], took)
-            tallies["hung"] += took > bound
+            note(tallies, "open", model, time.monotonic() - started, bound)
         tallies["opens"] += 1
         block = block_of(name)
         repeated = block * (max_read // BLOCK + 2)
@@ -101,9 +99,7 @@ def reader(spec: dict[str, Any]) -> dict[str, Any]:
                     tallies["errors"][f"read {errno.errorcode.get(exc.errno or 0, exc.errno)}"] += 1
                     break
                 finally:
-                    took = time.monotonic() - started
-                    tallies["slowest"] = max(tallies["slowest"], took)
-                    tallies["hung"] += took > bound
+                    note(tallies, f"pread {length}@{offset}", model, time.monotonic() - started, bound)
                 expected_length = min(length, size - offset)
                 start = offset % BLOCK
                 expected = repeated[start:start + len(data)]
@@ -129,6 +125,15 @@ def reader(spec: dict[str, Any]) -> dict[str, Any]:
             os.close(fd)
     tallies["errors"] = dict(tallies["errors"])
     return tallies
+
+
+def note(tallies: dict[str, Any], op: str, model: dict[str, Any], took: float, bound: float) -> None:
+    """Time of one call: the slowest, those past the bound (hung), and the first few over 5 s, to explain them."""
+    tallies["slowest"] = max(tallies["slowest"], took)
+    tallies["hung"] += took > bound
+    if took > 5 and len(tallies["slow_calls"]) < 10:
+        tallies["slow_calls"].append({"op": op, "model": model["name"], "size": model["size"],
+                                      "seconds": round(took, 2), "ended_at": round(time.time(), 1)})
 
 
 # The driver.
@@ -253,6 +258,7 @@ def _soak(args: argparse.Namespace, work: Path, janitor: Janitor) -> dict[str, A
     errors: Counter[str] = Counter()
     blocked = 0
     wrong_reads: list[dict[str, Any]] = []
+    slow_calls: list[dict[str, Any]] = []
     for p in readers:
         try:
             out, _ = p.communicate(timeout=args.bound + 15)
@@ -267,6 +273,7 @@ def _soak(args: argparse.Namespace, work: Path, janitor: Janitor) -> dict[str, A
         totals["slowest"] = max(totals["slowest"], result["slowest"])
         errors.update(result["errors"])
         wrong_reads.extend(result["wrong_reads"])
+        slow_calls.extend(dict(call, ended_at=round(call["ended_at"] - t0, 1)) for call in result["slow_calls"])
     rss.append((time.time() - t0, proc_status(m.pid, "VmRSS")))
     metrics = scrape(port)
     stats = router.stats()
@@ -289,6 +296,7 @@ def _soak(args: argparse.Namespace, work: Path, janitor: Janitor) -> dict[str, A
         "wrong_bytes": totals["wrong"], "wrong_reads": wrong_reads[:20], "short_reads": totals["short"],
         "hung": totals["hung"] + blocked, "readers_blocked_at_end": blocked,
         "slowest_call_s": round(totals["slowest"], 2), "bound_s": args.bound,
+        "calls_over_5s": sorted(slow_calls, key=lambda call: -call["seconds"])[:20],
         "errors": dict(sorted(errors.items())), "rss_mib": [(round(t), r // MIB) for t, r in rss],
         "downloads": downloads, "faults": faults, "daemon_tracebacks": tracebacks,
         "metrics": {k: v for k, v in metrics.items() if "_created" not in k and k.startswith((
