@@ -224,6 +224,12 @@ def _soak(args: argparse.Namespace, work: Path, janitor: Janitor) -> dict[str, A
     m = Modelfs(janitor, mnt, store, ["--shared", str(share), "--router", router.url, "--shared-timeout", "1",
                                       "--read-timeout", "3", "--connect-timeout", "2", "--retries", "6",
                                       "--metrics", f"127.0.0.1:{port}"], work / "modelfs.log")
+    connection = Path(f"/sys/fs/fuse/connections/{os.minor(os.stat(mnt).st_dev)}")  # needs fusectl mounted
+    if args.max_background:  # a lever: the kernel's limit of background (read-ahead) requests in flight
+        (connection / "max_background").write_text(f"{args.max_background}\n")
+        (connection / "congestion_threshold").write_text(f"{args.max_background * 3 // 4}\n")
+    max_background = int((connection / "max_background").read_text()) if connection.exists() else None
+    waiting: list[int] = []
     t0 = time.time()
     deadline = t0 + args.duration
     router_models = [model for model in models if model["kind"] == "router"]
@@ -247,6 +253,8 @@ def _soak(args: argparse.Namespace, work: Path, janitor: Janitor) -> dict[str, A
     driver.start()
     while time.time() < deadline:
         rss.append((time.time() - t0, proc_status(m.pid, "VmRSS")))
+        if connection.exists():
+            waiting.append(int((connection / "waiting").read_text()))
         time.sleep(1.0)
     stop.set()
     driver.join(timeout=30)
@@ -297,6 +305,9 @@ def _soak(args: argparse.Namespace, work: Path, janitor: Janitor) -> dict[str, A
         "hung": totals["hung"] + blocked, "readers_blocked_at_end": blocked,
         "slowest_call_s": round(totals["slowest"], 2), "bound_s": args.bound,
         "calls_over_5s": sorted(slow_calls, key=lambda call: -call["seconds"])[:20],
+        "slow_calls_by_kind": dict(Counter(call["model"].split("/")[0] for call in slow_calls)),
+        "fuse_max_background": max_background,
+        "fuse_waiting_max": max(waiting, default=None),
         "errors": dict(sorted(errors.items())), "rss_mib": [(round(t), r // MIB) for t, r in rss],
         "downloads": downloads, "faults": faults, "daemon_tracebacks": tracebacks,
         "metrics": {k: v for k, v in metrics.items() if "_created" not in k and k.startswith((
@@ -318,6 +329,8 @@ def main() -> int:
     parser.add_argument("--bound", type=float, default=20.0, help="seconds after which a call counts as hung")
     parser.add_argument("--fault-period", type=float, default=5.0, help="seconds between fault bursts")
     parser.add_argument("--quick", action="store_true", help="25 s, 16 readers, 1-3 MiB models")
+    parser.add_argument("--max-background", type=int, help="set the FUSE connection's max_background (fusectl "
+                        "must be mounted: mount -t fusectl fusectl /sys/fs/fuse/connections); a lever, not a fix")
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--reader", help=argparse.SUPPRESS)
     args = parser.parse_args()
