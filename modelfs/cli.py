@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--log-file", type=Path, help="where a background daemon logs (default "
                        "/var/log/modelfs.log as root, ~/.local/state/modelfs/modelfs.log otherwise)")
     mount.add_argument("--debug", action="store_true", default=None, help="log every request")
+    mount.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP on this address, "
+                       "e.g. 127.0.0.1:9464 (default: off)")
 
     umount = commands.add_parser("umount", help="unmount modelfs (also clears a mount left by a crashed daemon)")
     umount.add_argument("mountpoint", type=Path)
@@ -82,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("store", "shared", "router", "router_token", "shared_timeout", "connect_timeout", "read_timeout",
-            "retries", "store_max_size", "passthrough", "allow_other", "debug")
+            "retries", "store_max_size", "passthrough", "allow_other", "debug", "metrics")
     return {key: getattr(args, key) for key in keys}
 
 

@@ -8,6 +8,7 @@ auto-repair variables are ignored without a word, as llmlb itself does.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import tomllib
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -50,6 +53,7 @@ class Config:
     passthrough: str = "auto"
     allow_other: bool = False
     debug: bool = False
+    metrics: tuple[str, int] | None = None  # serve Prometheus metrics on this (host, port)
 
 
 def _path(value: Any) -> Path:
@@ -117,6 +121,19 @@ def _passthrough(value: Any) -> str:
     return text
 
 
+def _address(value: Any) -> tuple[str, int] | None:
+    """`host:port` (IPv6 as `[::1]:9090`) for the metrics server; "" for none."""
+    if not isinstance(value, str):
+        raise ValueError("expected host:port, e.g. 127.0.0.1:9464")
+    if not value.strip():
+        return None
+    host, sep, port = value.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port with a port 1-65535, e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
 def _token(value: Any) -> str | None:
     if not isinstance(value, str):
         raise ValueError("expected a string")
@@ -160,6 +177,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "passthrough": _passthrough,
     "allow_other": _bool,
     "debug": _bool,
+    "metrics": _address,
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(Config)}
 
@@ -202,6 +220,10 @@ def from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
     for name, value in env.items():
         if name.startswith("MODELFS_") and name not in ("MODELFS_CONFIG",):
             key = name[len("MODELFS_") :].lower()
+            if key not in _PARSERS:
+                # A service's environment is not all its own (wrappers set MODELFS_PID and the like): say so, go on.
+                log.warning("ignoring environment variable %s: modelfs has no setting %r", name, key)
+                continue
             ours[key] = _parse(key, value, f"environment variable {name}")
     fallback: dict[str, Any] = {}
     for name, key in LLMLB_FALLBACKS.items():

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
+from . import metrics
 from .errors import Failure
 from .router import NotFound, Router, RouterError, _describe
 from .store import Store, is_disk_full
@@ -145,6 +146,7 @@ class Fetcher:
         except OSError as exc:
             raise Failure(exc.errno or errno.EIO, f"cannot create {partial}: {exc.strerror}") from None
         download = Download(name, fd, size_hint)
+        metrics.DOWNLOADS_STARTED.inc()
         self.downloads[name] = download
         self.failures.pop(name, None)
         self._nursery.start_soon(self._run, download)
@@ -211,6 +213,7 @@ class Fetcher:
         except Exception as exc:  # noqa: BLE001 - the daemon must keep serving other models
             error = Failure(errno.EIO, f"download of {name}: {exc}")
             log.exception("download of %s failed unexpectedly", name)
+        metrics.download_finished(error, fetched or download.written - download.start_offset, time.monotonic() - began)
         assert self._token is not None
         self._token.run_sync_soon(download._finish, error)
 

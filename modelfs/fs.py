@@ -18,7 +18,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from . import __version__, names
+from . import __version__, metrics, names
 from .errors import Failure
 from .inodes import Inodes, Version
 from .passthrough import Passthrough, file_info
@@ -225,7 +225,9 @@ class ModelFS(pyfuse3.Operations):
 
     @translated
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
-        return await self.inodes.handle(fh).reader.read(off, size)
+        data = await self.inodes.handle(fh).reader.read(off, size)
+        metrics.DAEMON_READ_BYTES.inc(len(data))
+        return data
 
     @translated
     async def release(self, fh: int) -> None:
@@ -243,8 +245,10 @@ class ModelFS(pyfuse3.Operations):
     async def _xattrs(self, inode: int) -> dict[str, bytes]:
         version = self.inodes.version(inode)
         if version is None:
-            if self._dir_path(inode):
-                return {}
+            path = self._dir_path(inode)
+            entries = {"user.modelfs.entries": json.dumps(await self.resolver.describe_dir(path)).encode()}
+            if path:
+                return entries
             status = self.status()
             store = status["store"]
             assert isinstance(store, dict)
@@ -253,7 +257,7 @@ class ModelFS(pyfuse3.Operations):
                     "user.modelfs.shared": json.dumps(status["shared"]).encode(),
                     "user.modelfs.routers": json.dumps(status["routers"]).encode(),
                     "user.modelfs.passthrough": json.dumps(status["passthrough"]).encode(),
-                    "user.modelfs.status": json.dumps(status).encode()}
+                    "user.modelfs.status": json.dumps(status).encode(), **entries}
         # What this inode serves: the file its handles read, else its file as found now (a finished download is
         # in the store by now), else what lookup saw.
         file = version.file
@@ -274,6 +278,8 @@ class ModelFS(pyfuse3.Operations):
 
     @translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(b"user.modelfs."):  # `ls -l` asks every entry for ACLs and labels: answer at once
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = (await self._xattrs(inode)).get(name.decode(errors="replace"))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from . import metrics
 from .errors import Failure
 from .passthrough import Passthrough
 from .readers import Reader
@@ -158,6 +159,8 @@ class Inodes:
                     await self.resolver.close(version.name, reader)
                     raise
                 version.file = file
+                if file.backing_id:
+                    metrics.PASSTHROUGH_OPENS.inc()
                 log.info("open %s: %s %s (inode %d, %s)", version.name, reader.source, reader.path, version.inode,
                          "passthrough" if file.backing_id else "page cache kept" if keep_cache
                          else "page cache renewed")

@@ -8,6 +8,7 @@ when `modelfs mount` daemonized itself, to the waiting parent through a pipe.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from . import metrics
 from .config import Config
 from .fetcher import Fetcher
 from .fs import ModelFS
@@ -137,9 +139,12 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
     except PassthroughUnavailable as exc:
         raise MountError(str(exc)) from None
     operations = ModelFS(resolver, passthrough)
+    server = start_metrics(config, resolver, shared)
     try:
         pyfuse3.init(operations, str(mountpoint), options(config))
     except RuntimeError as exc:
+        if server is not None:
+            server.close()
         raise MountError(f"cannot mount {mountpoint}: {exc}") from None
     log.info("mounted %s: store %s, shared %s, routers %s", mountpoint, config.store,
              ", ".join(map(str, config.shared)) or "none", ", ".join(config.router) or "none")
@@ -152,7 +157,25 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
     finally:
         sd_notify("STOPPING=1")
         pyfuse3.close(unmount=True)
+        if server is not None:
+            server.close()
         log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
+
+
+def start_metrics(config: Config, resolver: Resolver, shared: list[SharedDir]) -> metrics.MetricsServer | None:
+    """The Prometheus endpoint (`--metrics`), before the mount exists: a port in use is a start-up error."""
+    metrics.init_labels([(str(d.root), functools.partial(getattr, d, "available")) for d in shared],
+                        resolver.store_usage, config.store_max_size)
+    if config.metrics is None:
+        return None
+    host, port = config.metrics
+    try:
+        server = metrics.MetricsServer(host, port)
+    except OSError as exc:
+        raise MountError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    log.info("serving Prometheus metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]",
+             server.port)
+    return server
 
 
 async def _serve(mountpoint: Path, read_ahead_kb: int, shared: list[SharedDir], router: Router | None,

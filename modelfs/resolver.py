@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 from cachetools import TTLCache
 
-from . import layout, names
+from . import layout, metrics, names
 from .config import Config
 from .errors import Failure, not_found
 from .fetcher import Download, Fetcher
@@ -72,10 +72,16 @@ class Resolver:
         self.fetcher = fetcher
         self.started_ns = started_ns or time.time_ns()
         self._misses: TTLCache[str, str] = TTLCache(maxsize=65536, ttl=config.negative_cache_ttl)
-        self._router_list: TTLCache[str, dict[str, int]] = TTLCache(maxsize=1, ttl=config.router_list_ttl)
+        # The routers' model list as last fetched (None: never), and when; see router_models.
+        self._router_list: dict[str, int] | None = None
+        self._router_list_at = float("-inf")
+        self._router_list_ttl = config.router_list_ttl
+        self._refreshing = False
         # What a HEAD said, so the open right after a lookup does not ask again.
         self._heads: TTLCache[str, int] = TTLCache(maxsize=4096, ttl=config.negative_cache_ttl)
         self._open: dict[str, int] = {}  # open files per model: those are never evicted
+        # Store usage for status and metrics: a walk of the whole store (0.5 s at 10,000 models), so not per request.
+        self._usage: TTLCache[str, int] = TTLCache(maxsize=1, ttl=2.0)
 
     def _local(self, name: str, found: layout.Found) -> Source:
         return Source(LOCAL, name, found.path, found.st.st_size, found.st.st_mtime_ns, identity=found.identity)
@@ -88,6 +94,7 @@ class Resolver:
         """The source of model `name`, in the order store → shared → router. Never reads model bytes."""
         names.validate(name)
         if name in self._misses:
+            metrics.MISSES.inc()
             raise not_found(self._misses[name])
         found = self.store.find(name)
         if found is not None:
@@ -114,18 +121,27 @@ class Resolver:
         if not skipped:  # a directory coming back must show its models at once
             self._misses[name] = message
         log.info("%s", message)
+        metrics.MISSES.inc()
         raise not_found(message)
 
     async def _remote(self, name: str, looked: list[str]) -> Source | None:
-        """A router source for `name` without fetching a byte: a running download, the list, or a HEAD."""
+        """A router source for `name` without fetching a byte: a running download, the list, or a HEAD (or the
+        store's copy, when a download finished meanwhile)."""
         download = self.fetcher.downloads.get(name) if self.fetcher else None
         if download is not None:
             return self._router_source(name, download.total or 0, download)
+        # A download that ended while the shared directories were asked is in the store now (it is promoted
+        # before it leaves `downloads`): without this second look, the open would download it all over again.
+        found = self.store.find(name)
+        if found is not None:
+            return self._local(name, found)
         if self.router is None:
             return None
-        listed = self._router_list.get("models", {}).get(name, -1)
-        if listed > 0:
-            return self._router_source(name, listed)
+        # The list answers without a request (also when expired: its refresh runs in the background, so a
+        # stalled router never holds this lookup). A model the list lacks may be newer than it: HEAD for those.
+        listed = self._known_router_models().get(name)
+        if listed is not None:
+            return self._router_source(name, max(listed, 0))
         if name in self._heads:
             return self._router_source(name, self._heads[name])
         try:
@@ -164,48 +180,94 @@ class Resolver:
         return any(name.startswith(prefix + "/") for name in await self.router_models())
 
     async def router_models(self) -> dict[str, int]:
-        """The routers' model list, cached for `router_list_ttl`; {} when no router answers."""
+        """The routers' model list; {} when no router ever answered. Waits only for the very first fetch."""
         if self.router is None:
             return {}
-        models = self._router_list.get("models")
-        if models is None:
-            models = await self.router.list_models()
-            self._router_list["models"] = models
-        return models
+        if self._router_list is None:
+            await self._refresh_router_list()
+        return self._known_router_models()
 
-    async def list_models(self) -> dict[str, Source]:
-        """Every model visible in the mount; the store wins over shared dirs, which win over routers."""
-        models: dict[str, Source] = {}
-        for name, size in (await self.router_models()).items():
-            models[name] = self._router_source(name, max(size, 0))
-        for name, download in (self.fetcher.downloads.items() if self.fetcher else ()):
-            models[name] = self._router_source(name, download.total or 0, download)
-        for shared in reversed(self.shared):
-            try:
-                found = await shared.walk()
-            except (SharedUnavailable, OSError) as exc:
-                log.info("listing skips shared directory %s: %s", shared.root, exc)
-                continue
-            for name, f in found.items():
-                models[name] = self._shared(name, f, shared)
-        for name, f in (await trio.to_thread.run_sync(self.store.walk)).items():
-            models[name] = self._local(name, f)
-        return models
+    def _known_router_models(self) -> dict[str, int]:
+        """The list as last fetched, at once; starts one background refresh once it is `router_list_ttl` old.
+
+        Stale-while-revalidate: a listing or lookup never waits on a slow or stalled router once a list is known;
+        at worst it sees a list one refresh old (a model removed since then fails its open with ENOENT).
+        """
+        if self.router is None:
+            return {}
+        if time.monotonic() - self._router_list_at >= self._router_list_ttl and not self._refreshing:
+            self._refreshing = True
+            trio.lowlevel.spawn_system_task(self._refresh_router_list)
+        return self._router_list or {}
+
+    async def _refresh_router_list(self) -> None:
+        """Fetch the list; on failure keep the old one (or {}) and try again after `router_list_ttl`."""
+        assert self.router is not None
+        try:
+            self._router_list = await self.router.list_models()
+        except RouterError as exc:
+            log.info("keeping the routers' model list of %s: %s", "before" if self._router_list else "none", exc)
+            if self._router_list is None:
+                self._router_list = {}
+        except Exception as exc:  # a background task must never take the daemon down (e.g. at unmount)
+            log.warning("refresh of the routers' model list failed: %r", exc)
+        finally:
+            self._router_list_at = time.monotonic()
+            self._refreshing = False
 
     async def list_dir(self, prefix: str) -> dict[str, Source | None]:
-        """Entries of mount directory `prefix`: `<model>.gguf` → its source, subdirectory → None."""
+        """Entries of mount directory `prefix`: `<model>.gguf` → its source, subdirectory → None.
+
+        Reads only `prefix` of the store and of each shared directory (one level, see layout.read_level), plus
+        the routers' cached list and the running downloads: a listing costs what it lists. The store wins over
+        shared directories, which win over routers.
+        """
         entries: dict[str, Source | None] = {}
         start = prefix + "/" if prefix else ""
-        for name, source in (await self.list_models()).items():
-            if not name.startswith(start):
-                continue
-            rest = name[len(start):]
-            head, slash, _ = rest.partition("/")
+
+        def add(name: str, source: Source) -> None:
+            head, slash, _ = name[len(start):].partition("/")
             if slash:
                 entries.setdefault(head, None)
             else:
-                entries[rest + names.SUFFIX] = source
+                entries[head + names.SUFFIX] = source
+
+        for name, size in (await self.router_models()).items():
+            if name.startswith(start):
+                add(name, self._router_source(name, max(size, 0)))
+        for name, download in (self.fetcher.downloads.items() if self.fetcher else ()):
+            if name.startswith(start):
+                add(name, self._router_source(name, download.total or 0, download))
+        for shared in reversed(self.shared):
+            try:
+                level = await shared.read_level(prefix)
+            except (SharedUnavailable, OSError) as exc:
+                log.info("listing of %r skips shared directory %s: %s", prefix, shared.root, exc)
+                continue
+            for child in level.dirs:
+                entries.setdefault(child, None)
+            for child, f in level.models.items():
+                name = names.join(prefix, child)
+                entries[child + names.SUFFIX] = self._shared(name, f, shared)
+        level = await trio.to_thread.run_sync(self.store.read_level, prefix)
+        for child in level.dirs:
+            entries.setdefault(child, None)
+        for child, f in level.models.items():
+            entries[child + names.SUFFIX] = self._local(names.join(prefix, child), f)
         return entries
+
+    async def describe_dir(self, prefix: str) -> dict[str, object]:
+        """One directory for `modelfs status` (the `user.modelfs.entries` xattr): its models with source, size,
+        state and backing path, and its subdirectories. One request per directory instead of three per model."""
+        models: dict[str, dict[str, object]] = {}
+        dirs: list[str] = []
+        for entry, source in sorted((await self.list_dir(prefix)).items()):
+            if source is None:
+                dirs.append(entry)
+            else:
+                models[source.name] = {"source": source.kind, "size": source.size,
+                                       "state": self._state(source), "path": str(source.path)}
+        return {"models": models, "dirs": dirs}
 
     async def open(self, name: str) -> Reader:
         """Open the file that is model `name` now (starting its download if needed); the reader knows its identity.
@@ -254,9 +316,11 @@ class Resolver:
             reader = DownloadReader(os.dup(download.fd), str(self.store.partial_path(name)), download,
                                     self.drop_cache)
             reader.identity = self._download_identity(download, source.size)
+            metrics.OPENS.labels(source=ROUTER).inc()
             return reader
         reader.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         reader.trusted = source.kind == LOCAL or settled(st.st_mtime_ns)
+        metrics.OPENS.labels(source=source.kind).inc()
         return reader
 
     def _make_room(self, name: str, size: int) -> None:
@@ -271,29 +335,37 @@ class Resolver:
     async def progress(self, name: str) -> str:
         """A model's download state, for the `user.modelfs.progress` xattr and `modelfs status`."""
         download = self.fetcher.downloads.get(name) if self.fetcher else None
-        if download is not None and download.error is not None:
-            return f"failed: {download.error}"
         if download is not None:
-            total = download.total or 0
-            percent = f"{100 * download.progress / total:.1f}% " if total else ""
-            return (f"downloading {percent}({download.progress}/{total or '?'} bytes) at "
-                    f"{download.rate() / 1e6:.1f} MB/s")
-        source = await self.resolve(name)
+            return _download_state(download)
+        return self._state(await self.resolve(name))
+
+    def _state(self, source: Source) -> str:
+        """`complete` means in place: a local or shared file, or a download verified and promoted."""
+        download = self.fetcher.downloads.get(source.name) if self.fetcher else None
+        if download is not None:
+            return _download_state(download)
         if source.kind != ROUTER:
             return "complete"
-        failure = self.fetcher.failures.get(name) if self.fetcher else None
+        failure = self.fetcher.failures.get(source.name) if self.fetcher else None
         if failure:
             return f"failed: {failure}"
         try:
-            return f"partial {self.store.partial_path(name).stat().st_size}/{source.size} bytes"
+            return f"partial {self.store.partial_path(source.name).stat().st_size}/{source.size} bytes"
         except OSError:
             return "not downloaded"
+
+    def store_usage(self) -> int:
+        """Bytes used by the store, at most 2 s old (status and metrics; eviction asks the store itself)."""
+        usage = self._usage.get("store")
+        if usage is None:
+            usage = self._usage["store"] = self.store.usage()
+        return usage
 
     def status(self) -> dict[str, object]:
         """The daemon's state, for the root's `user.modelfs.status` xattr (JSON) and `modelfs status`."""
         downloads = self.fetcher.downloads if self.fetcher else {}
         return {
-            "store": {"path": str(self.store.root), "usage_bytes": self.store.usage(),
+            "store": {"path": str(self.store.root), "usage_bytes": self.store_usage(),
                       "max_bytes": self.store_max_size},
             "shared": [{"path": str(d.root), "available": d.available, "reason": d.reason} for d in self.shared],
             "routers": [{"url": r.url, "last_status": r.last_status, "last_time": r.last_time}
@@ -303,3 +375,14 @@ class Resolver:
             "failures": dict(self.fetcher.failures) if self.fetcher else {},
             "open": dict(self._open),
         }
+
+
+def _download_state(download: Download) -> str:
+    """`downloading …` while bytes arrive, `verifying …` once all are on disk but not yet promoted."""
+    if download.error is not None:
+        return f"failed: {download.error}"
+    total = download.total or 0
+    if total and download.progress >= total:
+        return f"verifying ({total} bytes on disk)"
+    percent = f"{100 * download.progress / total:.1f}% " if total else ""
+    return f"downloading {percent}({download.progress}/{total or '?'} bytes) at {download.rate() / 1e6:.1f} MB/s"

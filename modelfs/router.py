@@ -20,7 +20,7 @@ import httpcore
 import httpx
 import trio
 
-from . import names
+from . import metrics, names
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class Router:
         return f"{base}/v0/models/blob/{quote(names.validate(name), safe='')}"
 
     def _note(self, base: str, status: str) -> None:
+        metrics.ROUTER_REQUESTS.labels(router=base, status=metrics.router_status(status)).inc()
         state = self.states[base]
         state.last_status = status
         state.last_time = time.time()
@@ -156,8 +157,10 @@ class Router:
             raise RouterError(f"HTTP {response.status_code} to a Range request")
 
     async def list_models(self) -> dict[str, int]:
-        """Every model the routers list, with sizes (-1 if not given). Unreachable routers are skipped."""
+        """Every model the routers list, with sizes (-1 if not given). Unreachable routers are skipped;
+        RouterError if none answered, so a caller can tell "no models" from "no answer"."""
         found: dict[str, int] = {}
+        errors: list[str] = []
         for base in reversed(self.urls):  # earlier routers win on duplicates
             try:
                 response = await self.aclient.get(f"{base}/v0/models")
@@ -167,6 +170,9 @@ class Router:
             except (httpx.HTTPError, ValueError) as exc:
                 self._note(base, _describe(exc))
                 log.info("router %s: cannot list models (%s)", base, _describe(exc))
+                errors.append(f"{base}: {_describe(exc)}")
+        if len(errors) == len(self.urls):
+            raise RouterError("no router listed its models: " + "; ".join(errors))
         return found
 
     @contextmanager

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import trio
 
-from . import layout
+from . import layout, metrics
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class SharedDir:
             log.warning("shared directory %s unavailable (%s); skipping it until it answers again", self.root, reason)
             self.available = False
             self.reason = reason
+            metrics.SHARED_OUTAGES.labels(dir=str(self.root)).inc()
             for scope in self._waiting:
                 scope.cancel()
 
@@ -105,8 +106,8 @@ class SharedDir:
     async def is_dir(self, prefix: str) -> bool:
         return await self.call(layout.is_dir, self.root, prefix)
 
-    async def walk(self) -> dict[str, layout.Found]:
-        return await self.call(layout.walk, self.root)
+    async def read_level(self, prefix: str) -> layout.Level:
+        return await self.call(layout.read_level, self.root, prefix)
 
     async def probe(self) -> None:
         """Ask the server something it cannot answer from a cache; at most one probe in flight."""

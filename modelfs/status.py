@@ -7,6 +7,7 @@ root and on each model file), as CernVM-FS exposes its state, so what they show 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -17,6 +18,20 @@ from typing import Any
 
 from . import names
 
+_libc = ctypes.CDLL(None, use_errno=True)
+XATTR_SIZE_MAX = 65536
+
+
+def _big_xattr(path: Path, key: str) -> bytes:
+    """getxattr with a 64 KiB buffer at once: os.getxattr first tries 128 bytes, so a large value costs the
+    daemon two requests (and two listings)."""
+    buffer = ctypes.create_string_buffer(XATTR_SIZE_MAX)
+    size = _libc.getxattr(os.fsencode(path), key.encode(), buffer, XATTR_SIZE_MAX)
+    if size < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return buffer.raw[:size]
+
 
 def _xattr(path: Path, key: str) -> str:
     try:
@@ -26,15 +41,43 @@ def _xattr(path: Path, key: str) -> str:
 
 
 def read_status(mountpoint: Path) -> dict[str, Any]:
-    """The daemon's state and every model it lists, with source, size, progress and backing path."""
-    raw = _xattr(mountpoint, "status")
+    """The daemon's state and every model it lists, with source, size, progress and backing path.
+
+    One `user.modelfs.entries` xattr per directory describes all its models, so 15,000 models cost a few hundred
+    requests to the daemon, not three per model. A directory too large for one xattr value (64 KiB) is read
+    entry by entry instead.
+    """
+    try:
+        raw = _big_xattr(mountpoint, "user.modelfs.status").decode()
+    except OSError:
+        raw = ""
     if not raw:
         raise RuntimeError(f"{mountpoint} is not a running modelfs mount")
     state: dict[str, Any] = json.loads(raw)
+    models: list[dict[str, Any]] = []
+    pending = [mountpoint]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = json.loads(_big_xattr(directory, "user.modelfs.entries"))
+        except OSError:
+            models.extend(_read_one_by_one(mountpoint, directory, pending))
+            continue
+        for name, model in entries["models"].items():
+            models.append({"name": name, **model})
+        pending.extend(directory / child for child in entries["dirs"])
+    state["models"] = sorted(models, key=lambda model: str(model["name"]))
+    return state
+
+
+def _read_one_by_one(mountpoint: Path, directory: Path, pending: list[Path]) -> list[dict[str, Any]]:
     models = []
-    for dirpath, _dirs, files in os.walk(mountpoint):
-        for filename in sorted(files):
-            path = Path(dirpath) / filename
+    with os.scandir(directory) as scan:
+        for entry in scan:
+            path = Path(entry.path)
+            if entry.is_dir():
+                pending.append(path)
+                continue
             name = path.relative_to(mountpoint).as_posix()[: -len(names.SUFFIX)]
             try:
                 size = path.stat().st_size
@@ -42,8 +85,7 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
                 continue
             models.append({"name": name, "source": _xattr(path, "source"), "size": size,
                            "state": _xattr(path, "progress"), "path": _xattr(path, "path")})
-    state["models"] = models
-    return state
+    return models
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -59,6 +101,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     limit = f" of {store['max_bytes'] / 1e9:.1f} GB" if store.get("max_bytes") else ""
     print(f"modelfs {state['version']} at {args.mountpoint}")
     print(f"store   {store['path']}: {store['usage_bytes'] / 1e9:.2f} GB used{limit}")
+    passthrough = state.get("passthrough")
+    if isinstance(passthrough, dict):
+        mode = "active" if passthrough["active"] else "inactive, daemon read path"
+        print(f"io      passthrough {mode} (mode {passthrough['mode']}): {passthrough['reason']}")
     for shared in state["shared"]:
         health = "ok" if shared["available"] else f"UNAVAILABLE ({shared['reason']})"
         print(f"shared  {shared['path']}: {health}")
@@ -100,6 +146,7 @@ def prefetch(mountpoint: Path, name: str) -> str | None:
         try:
             # Waits until the download has written the last byte: it is sequential, so that means all of it.
             os.pread(fd, 1, max(size - 1, 0))
+            state = _wait_for_promotion(path)
         except OSError as exc:
             detail = _xattr(path, "progress")
             return f"{exc.strerror}" + (f" ({detail})" if detail.startswith("failed") else "")
@@ -108,18 +155,24 @@ def prefetch(mountpoint: Path, name: str) -> str | None:
             bar.join()
     finally:
         os.close(fd)
-    # The last byte is readable as soon as it is written, before the download is verified and moved into the
-    # store; the daemon says "downloading" until then. Wait for that, so the model is in the store on return.
-    state = _xattr(path, "progress")
-    while state.startswith("downloading"):
-        time.sleep(0.02)
-        state = _xattr(path, "progress")
     if state != "complete":
-        return state or f"{path}: no download state"
+        return state.removeprefix("failed: ") or "the daemon no longer knows the model"
     if sys.stderr.isatty():
         return None
     print(f"{name}: complete, {size} bytes", file=sys.stderr)
     return None
+
+
+def _wait_for_promotion(path: Path) -> str:
+    """Once every byte is on disk the download is still verified (digest) and renamed into the store: wait
+    until the daemon says `complete` (promoted) or anything else that is not `downloading`/`verifying`."""
+    delay = 0.01
+    while True:
+        state = _xattr(path, "progress")
+        if not state.startswith(("downloading", "verifying")):
+            return state
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _show_progress(path: Path, name: str, size: int, done: threading.Event) -> None:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import layout, names
+from . import layout, metrics, names
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class Store:
 
     def walk(self) -> dict[str, layout.Found]:
         return layout.walk(self.root)
+
+    def read_level(self, prefix: str) -> layout.Level:
+        return layout.read_level(self.root, prefix)
 
     def final_path(self, name: str) -> Path:
         return self.root / names.validate(name) / names.MODEL_FILE
@@ -164,6 +167,7 @@ class Store:
                 self._unlink(path)
             log.info("evicted %s (%d bytes, least recently used) to keep store %s under %d bytes",
                      name, size, self.root, limit)
+            metrics.EVICTIONS.inc()
         return [name for name, _ in victims]
 
     def usage(self) -> int:

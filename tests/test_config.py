@@ -43,7 +43,6 @@ def test_llmlb_variables_are_fallbacks() -> None:
     "source, message",
     [
         ({"MODELFS_SHARED_TIMEOUT": "-1"}, "MODELFS_SHARED_TIMEOUT"),
-        ({"MODELFS_BOGUS": "1"}, "bogus"),
         ({"MODELFS_ROUTER": "ftp://x"}, "MODELFS_ROUTER"),
         ({"MODELFS_RETRIES": "many"}, "MODELFS_RETRIES"),
         ({"MODELFS_ALLOW_OTHER": "perhaps"}, "MODELFS_ALLOW_OTHER"),

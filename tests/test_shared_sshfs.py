@@ -397,3 +397,25 @@ def test_passthrough_reader_of_a_hung_server_waits_there_while_the_daemon_serves
         holder.kill()  # a wait in a FUSE client is killable
         sshfs.cont()
         assert access(("read", m.model("qwen")))[0]["value"] == digest(data)
+
+
+def test_a_download_ending_while_a_hung_share_is_asked_is_not_fetched_again(mount, router, remote, dirs):
+    """Found by bench/soak.py: an open that waited on a hung shared directory while the model's download finished
+    started a second download of a model already in the store."""
+    from conftest import wait_for
+
+    r = router()
+    data = gguf_bytes(4 << 20)
+    write_model(r.models_dir, "late", data)
+    r.control(rate=1 << 20)  # four seconds
+    m = mount("--shared", str(dirs["shared"]), "--router", r.url, "--shared-timeout", "3")
+    first = subprocess.Popen(["cat", str(m.model("late"))], stdout=subprocess.DEVNULL)
+    partial = dirs["store"] / "late" / ".model.gguf.partial"
+    wait_for(lambda: partial.exists() and partial.stat().st_size >= (3 << 20), what="most of the download")
+    os.stat(m.model("late"))  # the kernel now knows the name for 1 s: the open below goes straight to FUSE_OPEN
+    remote.sshfs.stop()  # that open waits on the share (up to 3 s) while the download ends (in about 1 s)
+    [second] = access(("read", m.model("late")))
+    assert second["value"] == digest(data)
+    assert first.wait(timeout=30) == 0
+    assert r.blob_gets("late") == 1
+    assert m.log_text().count("late: starting a download") == 1

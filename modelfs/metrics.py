@@ -1,0 +1,129 @@
+"""Every Prometheus metric of the daemon, in one registry of its own, and the HTTP server that exposes them.
+
+Modules import the metric objects from here and only ever `inc`/`observe`/`set` them: the names, help texts and
+label sets live in this one file, so they stay consistent with the Prometheus conventions (`modelfs_` prefix,
+base units, `_total` counters, labels from small fixed sets, never a model name). The registry is our own, not
+prometheus_client's global one, so nothing else in the process (or a second daemon in a test) mixes in. The
+server (`--metrics HOST:PORT`) is prometheus_client's, in a daemon thread: a scrape never touches the trio loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+#: Labels of `modelfs_downloads_failed_total`: why a download ended without a model.
+FAILURE_REASONS = ("not_found", "store_full", "corrupt", "unmount", "error")
+#: Labels of `modelfs_router_requests_total{status}`: status classes, or what went wrong before any status.
+ROUTER_STATUSES = ("2xx", "3xx", "4xx", "5xx", "timeout", "error")
+
+OPENS = Counter("modelfs_opens_total", "Files opened through the mount, by the source that served them.",
+                ["source"], registry=REGISTRY)
+MISSES = Counter("modelfs_misses_total", "Lookups or opens of a model no source has (ENOENT).", registry=REGISTRY)
+DAEMON_READ_BYTES = Counter("modelfs_daemon_read_bytes_total",
+                            "Bytes the daemon served to read requests (not counting the kernel's page cache "
+                            "or passthrough).", registry=REGISTRY)
+PASSTHROUGH_OPENS = Counter("modelfs_passthrough_opens_total",
+                            "Opens served by FUSE passthrough: the kernel reads the backing file itself.",
+                            registry=REGISTRY)
+DOWNLOADS_STARTED = Counter("modelfs_downloads_started_total", "Downloads from a router started.",
+                            registry=REGISTRY)
+DOWNLOADS_COMPLETED = Counter("modelfs_downloads_completed_total",
+                              "Downloads verified and promoted into the store.", registry=REGISTRY)
+DOWNLOADS_FAILED = Counter("modelfs_downloads_failed_total", "Downloads that ended without a model, by reason.",
+                           ["reason"], registry=REGISTRY)
+DOWNLOAD_BYTES = Counter("modelfs_download_bytes_total", "Bytes fetched from routers by downloads.",
+                         registry=REGISTRY)
+DOWNLOAD_SECONDS = Histogram("modelfs_download_seconds", "Wall time of a download, start to promotion or failure.",
+                             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+                             registry=REGISTRY)
+ROUTER_REQUESTS = Counter("modelfs_router_requests_total", "Requests to routers, by router and status class.",
+                          ["router", "status"], registry=REGISTRY)
+SHARED_AVAILABLE = Gauge("modelfs_shared_available", "1 while a shared directory answers, 0 while it is skipped.",
+                         ["dir"], registry=REGISTRY)
+SHARED_OUTAGES = Counter("modelfs_shared_outages_total", "Times a shared directory was marked unavailable.",
+                         ["dir"], registry=REGISTRY)
+STORE_BYTES = Gauge("modelfs_store_bytes", "Bytes of models and partial downloads in the local store.",
+                    registry=REGISTRY)
+STORE_QUOTA_BYTES = Gauge("modelfs_store_quota_bytes", "The store quota (store_max_size); 0 when there is none.",
+                          registry=REGISTRY)
+EVICTIONS = Counter("modelfs_evictions_total", "Downloaded models evicted to keep the store under its quota.",
+                    registry=REGISTRY)
+
+
+def failure_reason(err: int, corrupt: bool, message: str) -> str:
+    """The `reason` label of a failed download, from its errno and kind (a fixed, small set)."""
+    if corrupt:
+        return "corrupt"
+    if err == errno.ENOENT:
+        return "not_found"
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        return "store_full"
+    if "unmounting" in message:
+        return "unmount"
+    return "error"
+
+
+def download_finished(error: BaseException | None, fetched: int, seconds: float) -> None:
+    """Count one download's outcome: called once per download, where the fetcher logs it."""
+    DOWNLOAD_BYTES.inc(max(fetched, 0))
+    DOWNLOAD_SECONDS.observe(seconds)
+    if error is None:
+        DOWNLOADS_COMPLETED.inc()
+    else:
+        err = getattr(error, "errno", None)
+        corrupt = type(error).__name__ == "Corrupt"
+        DOWNLOADS_FAILED.labels(reason=failure_reason(err if isinstance(err, int) else 0, corrupt,
+                                                      str(error))).inc()
+
+
+def router_status(status: str) -> str:
+    """The `status` label for what one router request ended with (`200`, `HTTP 503`, `timed out …`, …)."""
+    code = status.removeprefix("HTTP ")
+    if code.isdigit() and len(code) == 3 and code[0] in "2345":
+        return f"{code[0]}xx"
+    if status == "list ok":
+        return "2xx"
+    if status.startswith("timed out"):
+        return "timeout"
+    return "error"
+
+
+def init_labels(shared: list[tuple[str, Callable[[], bool]]], store_bytes: Callable[[], float],
+                quota: int | None) -> None:
+    """Make every labelled series exist from the start (a counter that never moved still shows 0, so alerts on
+    `rate()` and `increase()` work), and wire the gauges that are read at scrape time."""
+    for source in ("local", "shared", "router"):
+        OPENS.labels(source=source)
+    for reason in FAILURE_REASONS:
+        DOWNLOADS_FAILED.labels(reason=reason)
+    for directory, available in shared:
+        SHARED_AVAILABLE.labels(dir=directory).set_function(_as_float(available))
+        SHARED_OUTAGES.labels(dir=directory)
+    STORE_BYTES.set_function(store_bytes)
+    STORE_QUOTA_BYTES.set(quota or 0)
+
+
+def _as_float(predicate: Callable[[], bool]) -> Callable[[], float]:
+    return lambda: float(predicate())
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server for REGISTRY on `host:port`, in a daemon thread."""
+
+    def __init__(self, host: str, port: int) -> None:
+        server, thread = start_http_server(port, addr=host, registry=REGISTRY)
+        self._server: WSGIServer = server
+        self._thread: threading.Thread = thread
+        self.port: int = server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
