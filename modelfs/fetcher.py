@@ -27,7 +27,7 @@ import httpx
 import trio
 
 from .errors import Failure
-from .router import NotFound, Router, RouterError, _describe
+from .router import NotFound, Router, RouterError, _describe, iter_body
 from .store import Store, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ class Fetcher:
         pending: list[bytes] = []
         size = 0
         try:
-            for chunk in response.iter_raw():
+            for chunk in iter_body(response):
                 if download.written == 0 and size == 0 and not chunk.startswith(GGUF_MAGIC[: len(chunk)]):
                     raise Corrupt(f"model {download.name!r}: router sent a file that is not GGUF "
                                   f"(starts with {chunk[:8]!r})")
