@@ -79,6 +79,8 @@ class Router:
     def __init__(self, config: Config) -> None:
         self.urls = config.router
         self.retries = config.retries
+        self.download_streams = config.download_streams  # ranged GETs at once per model, where Range is honoured
+        self.download_part_size = config.download_part_size
         self.states = {url: RouterState(url) for url in self.urls}
         self._origins = {_origin(url) for url in self.urls}
         headers = {"User-Agent": USER_AGENT}
