@@ -21,6 +21,7 @@ import httpx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from modelfs import router  # noqa: E402
 from modelfs.router import iter_body  # noqa: E402  (also sets httpcore's 1 MiB socket reads)
 
 PART = 8 << 20
@@ -85,17 +86,23 @@ def main() -> int:
     parser.add_argument("size", type=int)
     parser.add_argument("out", type=Path)
     parser.add_argument("--streams", default="1,4,8")
+    parser.add_argument("--no-lowat", action="store_true", help="leave SO_RCVLOWAT at 1 (modelfs before the fix)")
+    parser.add_argument("--threads-only", action="store_true")
     args = parser.parse_args()
+    if args.no_lowat:
+        router.BODY_LOWAT = 1
     for streams in [int(n) for n in args.streams.split(",")]:
-        for name, run in (("threads", threads), ("one thread", one_thread)):
+        for name, run in (("threads", threads), ("one thread", one_thread))[: 1 if args.threads_only else 2]:
             fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             began, used = time.perf_counter(), cpu()
             run(args.url, args.size, fd, streams)
+            seconds = time.perf_counter() - began  # as curl -o is timed: written, not yet synced
+            used = cpu() - used
             os.fsync(fd)
             os.close(fd)
-            seconds = time.perf_counter() - began
-            print(f"{streams} streams, {name:10}: {args.size / seconds / 1e6:6.0f} MB/s, "
-                  f"CPU {(cpu() - used) * (1 << 30) / args.size:.2f} s/GiB", flush=True)
+            where = f"{args.url.split('/')[2]} {'no lowat' if args.no_lowat else 'lowat':8}"
+            print(f"{where} {streams} streams, {name:10}: {args.size / seconds / 1e6:6.0f} MB/s, "
+                  f"CPU {used * (1 << 30) / args.size:.2f} s/GiB", flush=True)
             args.out.unlink()
     return 0
 

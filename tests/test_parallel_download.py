@@ -44,13 +44,15 @@ def test_nginx_with_a_per_connection_limit_gets_parallel_parts(mount, nginx, tmp
     models = tmp_path / "models"
     data = gguf_bytes(6 * MB)
     write_model(models, "wide", data)
-    server = nginx(models_dir=models, limit_rate="2m")
+    server = nginx(models_dir=models, limit_rate="512k")  # a 1 s burst per request, then 512 KB/s
     m = mount("--router", server.url, env=PARTS)
     with open(m.model("wide"), "rb") as f:
         assert f.read(4) == b"GGUF"
-        state = json.loads(os.getxattr(m.path, "user.modelfs.status"))
-        assert len(state["downloads"]["wide"]["parts"]) > 1  # status shows the parts in flight
-        assert "parts in flight" in os.getxattr(m.model("wide"), "user.modelfs.progress").decode()
+        seen: set[str] = set()  # status shows the parts in flight (polled: a loaded machine may be slow to ask)
+        while "wide" in (downloads := json.loads(os.getxattr(m.path, "user.modelfs.status"))["downloads"]):
+            if len(downloads["wide"]["parts"]) > 1:
+                seen.add(os.getxattr(m.model("wide"), "user.modelfs.progress").decode())
+        assert any("parts in flight" in state for state in seen), seen
         assert b"GGUF" + f.read() == data
     wait_for((dirs["store"] / "wide" / "model.gguf").exists, what="promotion")
     assert (dirs["store"] / "wide" / "model.gguf").read_bytes() == data
@@ -96,13 +98,14 @@ def test_kill9_then_resume_fetches_only_the_missing_ranges(mount, router, dirs):
     r = router("range")
     data = gguf_bytes(12 * MB)
     origin = write_model(r.models_dir, "resume", data)
-    r.control(rate=1 * MB)
+    r.control(rate=MB // 2)  # per connection: about 6 s with 4 streams
     m = mount("--router", r.url, env=PARTS)
     reader = subprocess.Popen(["cat", str(m.model("resume"))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sidecar = dirs["store"] / "resume" / ".model.gguf.partial.json"
     wait_for(lambda: recorded(sidecar).size >= 3 * MB, what="3 MiB recorded", timeout=20)
     m.kill9()
     reader.wait(timeout=10)
+    assert not (dirs["store"] / "resume" / "model.gguf").exists(), "finished before the kill: machine too slow"
     kept = recorded(sidecar)
     r.reset()  # count the second run only
     m2 = mount("--router", r.url, env=PARTS)
@@ -151,7 +154,7 @@ def test_a_new_version_between_runs_starts_over(mount, router, dirs):
     r = router("range")
     old = gguf_bytes(8 * MB)
     origin = write_model(r.models_dir, "versioned", old)
-    r.control(rate=1 * MB)
+    r.control(rate=MB // 2)  # per connection: about 4 s with 4 streams
     m = mount("--router", r.url, env=PARTS)
     reader = subprocess.Popen(["cat", str(m.model("versioned"))], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -159,6 +162,7 @@ def test_a_new_version_between_runs_starts_over(mount, router, dirs):
     wait_for(lambda: recorded(sidecar).size >= 2 * MB, what="2 MiB recorded", timeout=20)
     m.kill9()
     reader.wait(timeout=10)
+    assert not (dirs["store"] / "versioned" / "model.gguf").exists(), "finished before the kill: machine too slow"
     new = gguf_bytes(8 * MB, seed=7)
     origin.write_bytes(new)  # same size, new mtime: a new ETag
     r.reset()
