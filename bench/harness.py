@@ -317,9 +317,10 @@ def profile_summary(path: Path, top: int = 12) -> list[str]:
 
 
 class Nginx:
-    """nginx serving DIR in the llmlb API: `/v0/models/blob/<name>` → DIR/<name>/model.gguf, and `/v0/models`."""
+    """nginx serving DIR in the llmlb API: `/v0/models/blob/<name>` → DIR/<name>/model.gguf, and `/v0/models`;
+    each connection limited to `limit_rate` (nginx syntax, "25m") when given."""
 
-    def __init__(self, janitor: Janitor, models_dir: Path, workdir: Path) -> None:
+    def __init__(self, janitor: Janitor, models_dir: Path, workdir: Path, limit_rate: str | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         models = [{"id": name, "size_bytes": size} for name, size in list_models(models_dir)]
         (workdir / "models.json").write_text(json.dumps({"data": models}))  # the list, as of start-up
@@ -339,6 +340,7 @@ http {{
     default_type application/octet-stream;
     server {{
         listen 127.0.0.1:{port};
+        {f"limit_rate {limit_rate};" if limit_rate else ""}
         location ~ ^/v0/models/blob/(.+)$ {{ alias {models_dir}/$1/model.gguf; }}
         location = /v0/models {{ default_type application/json; alias {workdir}/models.json; }}
         location / {{ return 404; }}

@@ -9,6 +9,7 @@ A patch that no longer fits the code fails the mount with a clear message, and t
   thread         local reads do `pread` in a worker thread (trio.to_thread) instead of inline on the loop
   inline_shared  shared-directory reads do `pread` inline on the loop (no thread hop, no timeout)
   httpx64k       httpcore reads the router's body 64 KiB per recv (its default) instead of what modelfs sets
+  no_lowat       blob sockets keep SO_RCVLOWAT at 1: the download thread wakes on every arrival (nginx: ~96 KiB)
   ra_fix         modelfs's own read-ahead setting is written once the kernel has the daemon's FUSE_INIT answer
                  (the kernel lowers read-ahead to what INIT negotiated, so a value written before is lost)
 
@@ -87,6 +88,13 @@ def _httpx64k() -> None:
     httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES = 64 * 1024
 
 
+def _no_lowat() -> None:
+    from modelfs import router
+
+    _need(router, "BODY_LOWAT")
+    router.BODY_LOWAT = 1
+
+
 def _ra_fix() -> None:
     from modelfs import mount
 
@@ -116,7 +124,7 @@ def _trace(path: str) -> None:
 
 
 LEVERS = {"keep_cache": _keep_cache, "thread": _thread, "inline_shared": _inline_shared, "httpx64k": _httpx64k,
-          "ra_fix": _ra_fix}
+          "ra_fix": _ra_fix, "no_lowat": _no_lowat}
 
 
 def main() -> int:

@@ -52,7 +52,7 @@ from harness import (
 LOCAL = "bench/local"  # in the store: DIR/bench/local/model.gguf
 REMOTE = "bench/remote"  # only on the router (and on the sshfs share)
 PROBE = [PYTHON, str(ROOT / "bench" / "probe.py")]
-CASES = ("warm", "first", "sshfs", "fetch", "load", "readers", "mmap", "stat", "rss", "pagecache")
+CASES = ("warm", "first", "sshfs", "fetch", "nginx", "load", "readers", "mmap", "stat", "rss", "pagecache")
 
 Result = dict[str, float]
 
@@ -78,6 +78,8 @@ LEVERS = {
     "inline_shared": Lever("shared pread inline (no thread)", ("inline_shared",)),
     "keep_backing": Lever("keep backing pages (no DONTNEED)", settings=(("MODELFS_DROP_BACKING_CACHE", "false"),)),
     "httpx64k": Lever("httpcore 64 KiB socket reads", ("httpx64k",)),
+    "no_lowat": Lever("SO_RCVLOWAT left at 1 on blob sockets", ("no_lowat",)),
+    "streams1": Lever("download_streams=1", settings=(("MODELFS_DOWNLOAD_STREAMS", "1"),)),
     "ra_fix": Lever("modelfs read-ahead set after FUSE_INIT", ("ra_fix",)),
 }
 #: (case, lever, metric, higher is better)
@@ -92,6 +94,8 @@ EXPERIMENTS = [
     ("sshfs", "ra4096", "MB/s", True),
     ("sshfs", "inline_shared", "MB/s", True),
     ("fetch", "httpx64k", "MB/s", True),
+    ("fetch", "no_lowat", "MB/s", True),
+    ("fetch", "streams1", "MB/s", True),
     ("fetch", "ra4096", "MB/s", True),
     ("fetch", "keep_cache", "reread MB/s", True),
     ("readers", "ra4096", "wall s", False),
@@ -351,6 +355,82 @@ def case_fetch(b: Bench) -> None:
     if b.profile:
         cold_fetch(b, BASE, profile="fetch")
         cold_fetch(b, BASE, trace="fetch")
+
+
+def first_and_last(path: Path) -> tuple[float, float]:
+    """Seconds from open to the first MiB at offset 0, and to the last byte, of one sequential reader."""
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        got = 0
+        while got < MIB and (chunk := f.read(MIB - got)):
+            got += len(chunk)
+        first = time.perf_counter() - start
+        while f.read(8 * MIB):
+            pass
+    return first, time.perf_counter() - start
+
+
+def streams_lever(streams: int) -> Lever:
+    return Lever(f"{streams} streams", settings=(("MODELFS_DOWNLOAD_STREAMS", str(streams)),))
+
+
+def nginx_fetch(b: Bench, url: str, lever: Lever) -> Result:
+    """Fresh store and mount fetching from `url`; one reader from byte 0 to the last byte."""
+    store = b.work / "cold-store"
+    rmtree(store)
+    m = b.mount(lever, store, ("--router", url))
+    try:
+        prefault(2 * b.size)
+        b.warm(b.remote)
+        cpu = cpu_seconds(m.pid)
+        first, seconds = first_and_last(m.model(REMOTE))
+        wait_promoted(store)
+        cpu = cpu_seconds(m.pid) - cpu
+        return {"MB/s": b.mb_s(seconds), "first MiB share": first / seconds, "cpu s/GiB": cpu * (1 << 30) / b.size}
+    finally:
+        m.stop()
+        os.sync()
+        rmtree(store)
+
+
+def curl_url(b: Bench, url: str) -> Result:
+    out = b.work / "curl.gguf"
+    prefault(2 * b.size)
+    b.warm(b.remote)
+    seconds = timed(["curl", "-sSf", "-o", str(out), f"{url}/v0/models/blob/{REMOTE}"])
+    os.sync()
+    out.unlink()
+    return {"MB/s": b.mb_s(seconds)}
+
+
+def case_nginx(b: Bench) -> None:
+    """Cold fetch from a plain nginx (Range natively), unlimited and limited to 25 MB/s per connection."""
+    plain = Nginx(b.janitor, b.work / "origin", b.work / "nginx-plain")
+    limited = Nginx(b.janitor, b.work / "origin", b.work / "nginx-25m", limit_rate="25m")
+    base = streams_lever(8)
+    mine, curl = interleave(b, [lambda: nginx_fetch(b, plain.url, base), lambda: curl_url(b, plain.url)], b.reps)
+    (one,) = interleave(b, [lambda: nginx_fetch(b, plain.url, streams_lever(1))], b.reps)
+    (four,) = interleave(b, [lambda: nginx_fetch(b, plain.url, streams_lever(4))], b.reps)
+    b.note(f"cold fetch from nginx: modelfs MB/s 8 streams {spread(mine['MB/s'], '{:.0f}')} (daemon CPU "
+           f"{spread(mine['cpu s/GiB'], '{:.2f}')} s/GiB), 4 streams {spread(four['MB/s'], '{:.0f}')}, 1 stream "
+           f"{spread(one['MB/s'], '{:.0f}')} (CPU {spread(one['cpu s/GiB'], '{:.2f}')}); "
+           f"curl -o {spread(curl['MB/s'], '{:.0f}')}")
+    b.rows.append(ratio_row("cold fetch from nginx (8 streams vs curl -o)", "MB/s", mine["MB/s"], curl["MB/s"], 0.95))
+    lmine, lcurl = interleave(b, [lambda: nginx_fetch(b, limited.url, base), lambda: curl_url(b, limited.url)], 1)
+    # nginx's limit_rate lets each request send one second's worth at once (25 MB): an 8 MiB part is never slowed
+    # down. Parts of 1/8 of the model show how much of the ratio that burst makes.
+    big = Lever("8 streams, 8 parts", settings=(*base.settings, ("MODELFS_DOWNLOAD_PART_SIZE", str(b.size // 8 + 1))))
+    (lbig,) = interleave(b, [lambda: nginx_fetch(b, limited.url, big)], 1)
+    b.note(f"cold fetch from nginx, 25 MB/s per connection: modelfs 8 streams {spread(lmine['MB/s'], '{:.0f}')} MB/s "
+           f"(with parts of 1/8 of the model, so nginx's one-second burst per request counts little: "
+           f"{spread(lbig['MB/s'], '{:.0f}')} MB/s, {median(lbig['MB/s']) / median(lcurl['MB/s']):.2f}× curl), "
+           f"curl -o {spread(lcurl['MB/s'], '{:.0f}')} MB/s; first MiB at {spread(lmine['first MiB share'])} "
+           "of the download time")
+    b.rows.append(ratio_row("cold fetch, nginx 25 MB/s per connection (8 streams vs curl -o)", "MB/s",
+                            lmine["MB/s"], lcurl["MB/s"], 4.0))
+    share = median(lmine["first MiB share"])
+    b.rows.append(Row("first MiB at offset 0, nginx 25 MB/s per connection", f"{share:.3f} of download",
+                      "—", share, "≤ 0.1×", share <= 0.1))
 
 
 def probe(*args: str) -> dict[str, object]:
@@ -637,7 +717,8 @@ def run_size(args: argparse.Namespace, size: int, cases: list[str], janitor: Jan
         router = start_router(janitor, work / "origin")
         b.url, b.counter, b.sent = router.url, router.reset, router.bytes_sent
     functions: dict[str, Callable[[Bench], None]] = {
-        "warm": case_warm, "first": case_first, "sshfs": case_sshfs, "fetch": case_fetch, "load": case_load,
+        "warm": case_warm, "first": case_first, "sshfs": case_sshfs, "fetch": case_fetch, "nginx": case_nginx,
+        "load": case_load,
         "readers": case_readers, "mmap": case_mmap, "stat": case_stat, "rss": case_rss,
         "pagecache": case_pagecache,
     }

@@ -49,6 +49,8 @@ class Config:
     router_list_ttl: float = 10.0
     store_max_size: int | None = None
     read_ahead_kb: int = 4096
+    download_streams: int = 8
+    download_part_size: int = 8 << 20
     drop_backing_cache: bool = True
     passthrough: str = "auto"
     allow_other: bool = False
@@ -100,6 +102,12 @@ def _count(value: Any) -> int:
     number = int(value)
     if number < 0:
         raise ValueError("expected a whole number >= 0")
+    return number
+
+
+def _at_least(low: int, number: int) -> int:
+    if number < low:
+        raise ValueError(f"expected at least {low}")
     return number
 
 
@@ -173,6 +181,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "router_list_ttl": _positive_float,
     "store_max_size": parse_size,
     "read_ahead_kb": _count,
+    "download_streams": lambda value: _at_least(1, _count(value)),
+    "download_part_size": lambda value: _at_least(1 << 20, parse_size(value) or 0),
     "drop_backing_cache": _bool,
     "passthrough": _passthrough,
     "allow_other": _bool,

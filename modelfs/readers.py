@@ -172,7 +172,7 @@ class DownloadReader:
         if total is not None:
             end = min(end, total)
         if end > offset:
-            await self.download.wait_for(end)
+            await self.download.wait_for(offset, end)
         data = pread_shared(self.fd, size, offset)
         if self.download.done:  # pages of a file still being written are dirty: nothing to drop yet
             self.cache.served(offset, offset + len(data))

@@ -370,7 +370,8 @@ class Resolver:
             "shared": [{"path": str(d.root), "available": d.available, "reason": d.reason} for d in self.shared],
             "routers": [{"url": r.url, "last_status": r.last_status, "last_time": r.last_time}
                         for r in (self.router.states.values() if self.router else ())],
-            "downloads": {name: {"bytes": d.progress, "total": d.total, "rate": d.rate()}
+            # parts: [start, next byte, end] of each ranged GET in flight (end -1: size unknown)
+            "downloads": {name: {"bytes": d.progress, "total": d.total, "rate": d.rate(), "parts": d.in_flight()}
                           for name, d in downloads.items()},
             "failures": dict(self.fetcher.failures) if self.fetcher else {},
             "open": dict(self._open),
@@ -385,4 +386,7 @@ def _download_state(download: Download) -> str:
     if total and download.progress >= total:
         return f"verifying ({total} bytes on disk)"
     percent = f"{100 * download.progress / total:.1f}% " if total else ""
-    return f"downloading {percent}({download.progress}/{total or '?'} bytes) at {download.rate() / 1e6:.1f} MB/s"
+    flight = len(download.in_flight())
+    parts = f", {flight} parts in flight" if flight > 1 else ""
+    return (f"downloading {percent}({download.progress}/{total or '?'} bytes) at "
+            f"{download.rate() / 1e6:.1f} MB/s{parts}")

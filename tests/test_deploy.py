@@ -509,18 +509,33 @@ def free_port() -> int:
 
 
 class Nginx:
-    """systemd/nginx-modelfs-cache.conf, pointed at a test router, in an nginx of its own (not a daemon)."""
+    """systemd/nginx-modelfs-cache.conf, pointed at a test router, in an nginx of its own (not a daemon).
 
-    def __init__(self, prefix: Path, router_port: int) -> None:
-        snippet = (UNITS / "nginx-modelfs-cache.conf").read_text()
-        self.cache = prefix / "cache"
-        snippet = snippet.replace("/var/cache/nginx/modelfs", str(self.cache))
-        snippet, n = re.subn(r"upstream llmlb \{.*?\}", f"upstream llmlb {{\n    server 127.0.0.1:{router_port};\n}}",
-                             snippet, flags=re.S)
-        assert n == 1
+    With `models_dir` instead: a plain nginx serving that directory in the llmlb layout (Range natively), each
+    connection limited to `limit_rate` (nginx syntax, e.g. "2m") when given.
+    """
+
+    def __init__(self, prefix: Path, router_port: int | None = None, models_dir: Path | None = None,
+                 limit_rate: str | None = None) -> None:
         self.port = free_port()
-        snippet, n = re.subn(r"listen 8080;", f"listen 127.0.0.1:{self.port};", snippet)
-        assert n == 1
+        if models_dir is None:
+            snippet = (UNITS / "nginx-modelfs-cache.conf").read_text()
+            self.cache = prefix / "cache"
+            snippet = snippet.replace("/var/cache/nginx/modelfs", str(self.cache))
+            snippet, n = re.subn(r"upstream llmlb \{.*?\}",
+                                 f"upstream llmlb {{\n    server 127.0.0.1:{router_port};\n}}", snippet, flags=re.S)
+            assert n == 1
+            snippet, n = re.subn(r"listen 8080;", f"listen 127.0.0.1:{self.port};", snippet)
+            assert n == 1
+        else:
+            snippet = f"""\
+sendfile on;
+server {{
+    listen 127.0.0.1:{self.port};
+    {f"limit_rate {limit_rate};" if limit_rate else ""}
+    location ~ ^/v0/models/blob/(.+)$ {{ alias {models_dir}/$1/model.gguf; }}
+}}
+"""
         self.url = f"http://127.0.0.1:{self.port}"
         self.access_log = prefix / "access.log"
         self.error_log = prefix / "error.log"
@@ -533,7 +548,8 @@ pid {prefix}/nginx.pid;
 error_log {self.error_log} notice;
 events {{ worker_connections 256; }}
 http {{
-    log_format cache '$request_method $request_uri $status $upstream_cache_status range=$http_range';
+    log_format cache '$request_method $request_uri $status $upstream_cache_status range=$http_range '
+                     'body=$body_bytes_sent';
     access_log {self.access_log} cache;
     client_body_temp_path {temp}/body;
     proxy_temp_path {temp}/proxy;
@@ -572,12 +588,12 @@ def nginx(tmp_path: Path) -> Iterator[object]:
     need("nginx")
     started: list[Nginx] = []
 
-    def start(router_port: int) -> Nginx:
+    def start(router_port: int | None = None, **kwargs: object) -> Nginx:
         prefix = tmp_path / f"nginx{len(started)}"
         prefix.mkdir()
         for attempt in range(3):  # the free port may be taken in between
             try:
-                started.append(Nginx(prefix, router_port))
+                started.append(Nginx(prefix, router_port, **kwargs))  # type: ignore[arg-type]
                 return started[-1]
             except RuntimeError:
                 if attempt == 2:

@@ -11,6 +11,7 @@ passthrough where the machine has it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -239,3 +240,29 @@ def test_old_versions_are_forgotten_once_closed(mount, dirs, io):
         f.close()
     wait_for(lambda: inodes() == {"directories": 1, "versions": 1, "open_files": 0, "handles": 0},
              what="old versions to be forgotten")
+
+
+def test_a_download_whose_source_changes_midway_never_mixes_versions(mount, router, dirs, io):
+    """llmlb sends no validator: a broken body is fetched again from byte 0, and if the router's file changed in
+    between, the readers of the first bytes must not get the new ones. They get the old bytes already on disk,
+    then EIO; a new open downloads the new version."""
+    old, new = gguf_bytes(6 * MB, seed=1), gguf_bytes(6 * MB, seed=2)
+    r = router()
+    path = write_model(r.models_dir, "moving", old)
+    r.control(truncate_after=3 * MB, truncate_times=1, rate=6 * MB)
+    m = mount(*mount_args(io, "--router", r.url, "--retries", "2"))
+    m.expected_errors.append("changed on the server during the download")
+    with open(m.model("moving"), "rb") as f:
+        head = f.read(MB)
+        assert head == old[:MB]
+        replace(path, new)  # the body in flight keeps sending the old file; the retry gets the new one
+        got = bytearray(head)
+        with pytest.raises(OSError) as failure:
+            while chunk := f.read(MB):
+                got += chunk
+        assert failure.value.errno == errno.EIO
+    assert bytes(got) == old[:len(got)]  # only old bytes, then an error
+    assert "changed on the server during the download" in m.log_text()
+    assert read_new(m.model("moving")) == new, m.log_text()
+    wait_for((dirs["store"] / "moving" / "model.gguf").exists, what="the new version's promotion")
+    assert (dirs["store"] / "moving" / "model.gguf").read_bytes() == new
