@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from ggufmaker import make_gguf_of_size as make_gguf_of_size  # noqa: E402  (re-exported for run.py)
-from router_server import RouterProcess, list_models  # noqa: E402
-from sshfs import Sshd, SshfsMount, is_mounted  # noqa: E402
+from router_server import RouterProcess as RouterProcess  # noqa: E402  (re-exported for run.py)
+from router_server import list_models  # noqa: E402
+from sshfs import Sshd, is_mounted  # noqa: E402
+from sshfs import SshfsMount as SshfsMount  # noqa: E402  (re-exported for run.py)
 from sshfs import sshfs_available as sshfs_available  # noqa: E402  (re-exported for run.py)
 
 PYTHON = sys.executable
@@ -407,11 +409,12 @@ def start_router(janitor: Janitor, models_dir: Path) -> RouterProcess:
     return router
 
 
-def start_sshfs(janitor: Janitor, remote_dir: Path, mountpoint: Path) -> SshfsMount:
-    """A real sshfs of `remote_dir` over a private loopback sshd (uncached, direct_io, as in the tests)."""
+def start_sshfs(janitor: Janitor, remote_dir: Path, mountpoint: Path, direct_io: bool = True) -> SshfsMount:
+    """A real sshfs of `remote_dir` over a private loopback sshd (uncached, direct_io as in the tests unless
+    `direct_io=False`: then sshfs's default I/O, through the page cache, where a shared mmap works)."""
     sshd = Sshd().__enter__()
     janitor.push("sshd", sshd.close)
-    mount = SshfsMount(sshd, str(remote_dir), str(mountpoint)).__enter__()
+    mount = SshfsMount(sshd, str(remote_dir), str(mountpoint), direct_io=direct_io).__enter__()
     janitor.push("sshfs", mount.close)
     return mount
 

@@ -4,7 +4,8 @@
   mmap-touch PATH [byte]     mmap the file and touch every page (or read every byte) → {"seconds"}
   gguf-load PATH             gguf.GGUFReader (mmap) + touch every page of every tensor → {"seconds", "tensors"}
   stat-missing DIR N PREFIX  stat DIR/PREFIX<i>.gguf for i < N, each once (expect ENOENT) → {"ms": [...]}
-  read-cache FILE BACKING    read FILE to the end and close it; bytes of FILE and BACKING in the page cache
+  read-cache FILE BACKING    read FILE to the end and close it; bytes of FILE and BACKING in the page cache, and
+                             FILE's user.modelfs.io
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def stat_missing(directory: str, count: str, prefix: str) -> dict[str, list[floa
     return {"ms": times}
 
 
-def read_cache(path: str, backing: str) -> dict[str, int]:
+def read_cache(path: str, backing: str) -> dict[str, int | str]:
     """Read `path` to the end with one open file, close it, then count cached bytes of `path` and `backing`.
 
     The FUSE file's pages are counted through a second open file held from the start, so no open after the
@@ -79,10 +80,12 @@ def read_cache(path: str, backing: str) -> dict[str, int]:
         size = 0
         while chunk := os.read(fd, MIB):
             size += len(chunk)
+        io = os.getxattr(path, "user.modelfs.io").decode()  # with passthrough, the mapping is the backing file's
         while_open = {"mount_open": cached_bytes_fd(fd), "backing_open": cached_bytes(Path(backing))}
         os.close(fd)
         time.sleep(0.5)  # the release reaches the daemon asynchronously
-        return {"size": size, **while_open, "mount": cached_bytes_fd(holder), "backing": cached_bytes(Path(backing))}
+        return {"size": size, **while_open, "mount": cached_bytes_fd(holder), "backing": cached_bytes(Path(backing)),
+                "io": io}
     finally:
         os.close(holder)
 

@@ -12,6 +12,7 @@ a sysfs knob set, each against unmodified modelfs, interleaved. See bench/README
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +34,13 @@ from harness import (
     Janitor,
     Modelfs,
     Nginx,
+    RouterProcess,
     RssSampler,
+    SshfsMount,
     cached_bytes,
     cpu_seconds,
     drop_caches,
+    evict,
     make_gguf_of_size,
     median,
     prefault,
@@ -52,7 +57,8 @@ from harness import (
 LOCAL = "bench/local"  # in the store: DIR/bench/local/model.gguf
 REMOTE = "bench/remote"  # only on the router (and on the sshfs share)
 PROBE = [PYTHON, str(ROOT / "bench" / "probe.py")]
-CASES = ("warm", "first", "sshfs", "fetch", "nginx", "load", "readers", "mmap", "stat", "rss", "pagecache")
+CASES = ("warm", "first", "sshfs", "fetch", "nginx", "load", "localload", "readers", "mmap", "stat", "rss",
+         "pagecache", "hung")
 
 Result = dict[str, float]
 
@@ -69,6 +75,8 @@ class Lever:
 
 
 BASE = Lever("as is")
+#: The daemon read path, measured beside BASE (passthrough wherever the kernel allows it) in every read case.
+DAEMON = Lever("daemon path", settings=(("MODELFS_PASSTHROUGH", "off"),))
 LEVERS = {
     "ra128": Lever("read_ahead_kb=128 (kernel default)", read_ahead_kb=128),
     "ra1024": Lever("read_ahead_kb=1024", read_ahead_kb=1024),
@@ -109,12 +117,18 @@ EXPERIMENTS = [
 
 @dataclass
 class Row:
+    """One line of the table. `modelfs` is the mount as configured by default (passthrough where the kernel allows
+    it); read cases also measure the daemon read path (`daemon`, `daemon_ratio`), for the table and the chart."""
+
     case: str
     modelfs: str
     direct: str
     ratio: float | None
     target: str
     met: bool | None
+    daemon: str = ""
+    daemon_ratio: float | None = None
+    higher: bool = True  # whether the ratio is of a throughput (else of a time)
 
 
 @dataclass
@@ -133,7 +147,10 @@ class Bench:
     url: str = ""
     counter: Callable[[], object] | None = None  # resets the router's byte counts
     sent: Callable[[str], int] | None = None  # bytes the router sent for a model since the reset
-    sshfs_dir: Path | None = None
+    sshfs_dir: Path | None = None  # sshfs -o direct_io, as in the tests: passthrough falls back to the daemon
+    sshfs_mount: SshfsMount | None = None
+    sshfs_cached_dir: Path | None = None  # sshfs with its default I/O options (page cache, shared mmap)
+    router: RouterProcess | None = None  # the test router (faults), None with --server nginx
     code: Path | None = None
     read_ahead: set[int] = field(default_factory=set)
 
@@ -149,9 +166,9 @@ class Bench:
         return self.size / seconds / 1e6
 
     def mount(self, lever: Lever, store: Path | None = None, args: tuple[str, ...] = (),
-              profile: str | None = None, trace: str | None = None) -> Modelfs:
+              profile: str | None = None, trace: str | None = None, mnt: str = "mnt") -> Modelfs:
         out = self.work.parent
-        m = Modelfs(self.janitor, self.work / "mnt", store or self.work / "store", args, self.work / "modelfs.log",
+        m = Modelfs(self.janitor, self.work / mnt, store or self.work / "store", args, self.work / "modelfs.log",
                     lever.patches, profile=out / f"profile-{profile}.txt" if profile else None,
                     trace=out / f"trace-{trace}.json" if trace else None, settings=dict(lever.settings),
                     code=self.code)
@@ -164,7 +181,18 @@ class Bench:
         self.read_ahead.add(m.read_ahead_kb())
         if lever.read_ahead_kb:
             m.set_read_ahead_kb(lever.read_ahead_kb)
+        state = passthrough_state(m.mnt)
+        if state.get("active") is not wants_passthrough(lever):
+            m.stop()
+            raise RuntimeError(f"modelfs ({lever.name}) mounted with passthrough {state}; this bench measures "
+                               f"passthrough as the base and the daemon path as a lever (scripts/setup, root)")
         return m
+
+    def expect_io(self, path: Path, io: str) -> None:
+        """Fail loudly unless an open of `path` (a file in a mount) is served the way the row claims."""
+        got = file_io(path)
+        if got != io:
+            raise RuntimeError(f"{path} is served by {got}, expected {io}")
 
     def warm(self, path: Path) -> None:
         """Make `path` fully cached right before a timed run (modelfs drops backing pages behind its readers, and
@@ -193,11 +221,17 @@ def interleave(b: Bench, runs: Sequence[Callable[[], Result]], reps: int) -> lis
 
 
 def ratio_row(case: str, unit: str, mine: list[float], direct: list[float], target: float,
-              higher: bool = True) -> Row:
+              higher: bool = True, daemon: list[float] | None = None) -> Row:
+    """`mine` is modelfs as configured (passthrough where it applies), `daemon` the daemon read path, if measured."""
     m, d = median(mine), median(direct)
     ratio = m / d if d else float("nan")
     met = ratio >= target if higher else ratio <= target
-    return Row(case, f"{m:.1f} {unit}", f"{d:.1f} {unit}", ratio, f"{'≥' if higher else '≤'} {target}×", met)
+    row = Row(case, f"{m:.1f} {unit}", f"{d:.1f} {unit}", ratio, f"{'≥' if higher else '≤'} {target}×", met,
+              higher=higher)
+    if daemon is not None:
+        row.daemon = f"{median(daemon):.1f} {unit}"
+        row.daemon_ratio = median(daemon) / d if d else float("nan")
+    return row
 
 
 # Cases. Each modelfs measurement starts its own daemon unless the case says otherwise; every run makes the
@@ -206,6 +240,22 @@ def ratio_row(case: str, unit: str, mine: list[float], direct: list[float], targ
 
 def cat(path: Path) -> float:
     return timed(["cat", str(path)])
+
+
+def wants_passthrough(lever: Lever) -> bool:
+    return ("MODELFS_PASSTHROUGH", "off") not in lever.settings
+
+
+def passthrough_state(mnt: Path) -> dict[str, object]:
+    """The root's `user.modelfs.passthrough`: {"mode", "active", "reason"}."""
+    state: dict[str, object] = json.loads(os.getxattr(mnt, "user.modelfs.passthrough"))
+    return state
+
+
+def file_io(path: Path) -> str:
+    """`user.modelfs.io` of a model while it is open: "passthrough" or "daemon"."""
+    with open(path, "rb"):
+        return os.getxattr(path, "user.modelfs.io").decode()
 
 
 def wait_promoted(store: Path, timeout: float = 600) -> None:
@@ -220,23 +270,35 @@ def wait_promoted(store: Path, timeout: float = 600) -> None:
 
 def case_warm(b: Bench) -> None:
     m = b.mount(BASE)
+    d = b.mount(DAEMON, mnt="mnt-daemon")
     try:
-        path = m.model(LOCAL)
-        cat(path)  # the first open renews the page cache; pages come from the daemon
-        cat(path)  # an open of an unchanged, settled file keeps it: from now on reads never reach the daemon
-        cpu = cpu_seconds(m.pid)
+        path, daemon_path = m.model(LOCAL), d.model(LOCAL)
+        for p in (path, daemon_path):
+            cat(p)  # daemon path: the first open renews the page cache; pages come from the daemon
+            cat(p)  # an open of an unchanged, settled file keeps it: from now on reads never reach the daemon
+        b.expect_io(path, "passthrough")
+        b.expect_io(daemon_path, "daemon")
+        cpu, daemon_cpu = cpu_seconds(m.pid), cpu_seconds(d.pid)
+
+        def passthrough() -> Result:
+            b.warm(b.local)  # passthrough reads the backing file's pages
+            return {"MB/s": b.mb_s(cat(path))}
 
         def direct() -> Result:
             b.warm(b.local)  # the daemon may have dropped the backing pages behind its reads
             return {"MB/s": b.mb_s(cat(b.local))}
 
-        mine, plain = interleave(b, [lambda: {"MB/s": b.mb_s(cat(path))}, direct], max(b.reps, 5))
-        cpu = cpu_seconds(m.pid) - cpu
+        mine, daemon, plain = interleave(b, [passthrough, lambda: {"MB/s": b.mb_s(cat(daemon_path))}, direct],
+                                         max(b.reps, 5))
+        cpu, daemon_cpu = cpu_seconds(m.pid) - cpu, cpu_seconds(d.pid) - daemon_cpu
     finally:
+        d.stop()
         m.stop()
-    b.note(f"warm read: modelfs MB/s {spread(mine['MB/s'], '{:.0f}')}, direct {spread(plain['MB/s'], '{:.0f}')}; "
-           f"daemon CPU during the warm reads {cpu:.2f}s (0 = served by the kernel's cache alone)")
-    b.rows.append(ratio_row("warm read (cat, caches warm)", "MB/s", mine["MB/s"], plain["MB/s"], 0.95))
+    b.note(f"warm read: passthrough MB/s {spread(mine['MB/s'], '{:.0f}')}, daemon path "
+           f"{spread(daemon['MB/s'], '{:.0f}')}, direct {spread(plain['MB/s'], '{:.0f}')}; daemon CPU during the "
+           f"warm reads {cpu:.2f}s / {daemon_cpu:.2f}s (0 = the kernel alone)")
+    b.rows.append(ratio_row("warm read (cat, caches warm)", "MB/s", mine["MB/s"], plain["MB/s"], 0.95,
+                            daemon=daemon["MB/s"]))
 
 
 def first_read(b: Bench, lever: Lever, profile: str | None = None, trace: str | None = None) -> Result:
@@ -247,7 +309,9 @@ def first_read(b: Bench, lever: Lever, profile: str | None = None, trace: str | 
         b.warm(b.local)
         cpu = cpu_seconds(m.pid)
         seconds = cat(m.model(LOCAL))
-        return {"MB/s": b.mb_s(seconds), "cpu s/GiB": (cpu_seconds(m.pid) - cpu) * (1 << 30) / b.size}
+        cpu = cpu_seconds(m.pid) - cpu
+        b.expect_io(m.model(LOCAL), "passthrough" if wants_passthrough(lever) else "daemon")
+        return {"MB/s": b.mb_s(seconds), "cpu s/GiB": cpu * (1 << 30) / b.size}
     finally:
         m.stop()
 
@@ -259,26 +323,38 @@ def direct_read(b: Bench) -> Result:
 
 
 def case_first(b: Bench) -> None:
-    mine, direct = interleave(b, [lambda: first_read(b, BASE), lambda: direct_read(b)], b.reps)
-    b.note(f"first read: modelfs MB/s {spread(mine['MB/s'], '{:.0f}')} (daemon CPU "
-           f"{spread(mine['cpu s/GiB'], '{:.2f}')} s/GiB), direct (page cache) {spread(direct['MB/s'], '{:.0f}')}")
-    b.rows.append(ratio_row("first read via fresh mount (backing cached)", "MB/s", mine["MB/s"], direct["MB/s"], 0.5))
+    mine, daemon, direct = interleave(b, [lambda: first_read(b, BASE), lambda: first_read(b, DAEMON),
+                                          lambda: direct_read(b)], b.reps)
+    b.note(f"first read: passthrough MB/s {spread(mine['MB/s'], '{:.0f}')} (daemon CPU "
+           f"{spread(mine['cpu s/GiB'], '{:.3f}')} s/GiB), daemon path {spread(daemon['MB/s'], '{:.0f}')} (daemon "
+           f"CPU {spread(daemon['cpu s/GiB'], '{:.2f}')} s/GiB), direct (page cache) "
+           f"{spread(direct['MB/s'], '{:.0f}')}")
+    b.rows.append(ratio_row("first read via fresh mount (backing cached)", "MB/s", mine["MB/s"], direct["MB/s"], 0.95,
+                            daemon=daemon["MB/s"]))
+    cpu, daemon_cpu = median(mine["cpu s/GiB"]), median(daemon["cpu s/GiB"])
+    b.rows.append(Row("daemon CPU per GiB read (local model, first read)", f"{cpu:.3f} s", "—", None, "≤ 0.01 s",
+                      cpu <= 0.01, daemon=f"{daemon_cpu:.3f} s"))
     if b.profile:
         first_read(b, BASE, profile="first")
         first_read(b, BASE, trace="first")
         first_read(b, LEVERS["ra4096"], trace="first-ra4096")
 
 
-def sshfs_read(b: Bench, lever: Lever, profile: str | None = None) -> Result:
-    """A fresh mount whose only source is the sshfs share reads the model once."""
-    assert b.sshfs_dir is not None
-    m = b.mount(lever, b.work / "empty-store", ("--shared", str(b.sshfs_dir)), profile=profile)
+def sshfs_read(b: Bench, lever: Lever, profile: str | None = None, share: Path | None = None) -> Result:
+    """A fresh mount whose only source is the sshfs share (default: the direct_io one) reads the model once."""
+    share = share or b.sshfs_dir
+    assert share is not None
+    m = b.mount(lever, b.work / "empty-store", ("--shared", str(share)), profile=profile)
     try:
         prefault(b.size)
         b.warm(b.remote)  # what the sshfs server reads
         cpu = cpu_seconds(m.pid)
         seconds = cat(m.model(REMOTE))
-        return {"MB/s": b.mb_s(seconds), "cpu s/GiB": (cpu_seconds(m.pid) - cpu) * (1 << 30) / b.size}
+        cpu = cpu_seconds(m.pid) - cpu
+        # sshfs -o direct_io cannot map files shared: modelfs serves it by the daemon path even with passthrough.
+        io = "passthrough" if wants_passthrough(lever) and share != b.sshfs_dir else "daemon"
+        b.expect_io(m.model(REMOTE), io)
+        return {"MB/s": b.mb_s(seconds), "cpu s/GiB": cpu * (1 << 30) / b.size}
     finally:
         m.stop()
 
@@ -286,31 +362,58 @@ def sshfs_read(b: Bench, lever: Lever, profile: str | None = None) -> Result:
 def ensure_sshfs(b: Bench) -> None:
     if b.sshfs_dir is None:
         b.sshfs_dir = b.work / "sshfs"
-        start_sshfs(b.janitor, b.work / "origin", b.sshfs_dir)
+        b.sshfs_mount = start_sshfs(b.janitor, b.work / "origin", b.sshfs_dir)
+
+
+def ensure_sshfs_cached(b: Bench) -> None:
+    if b.sshfs_cached_dir is None:
+        start_sshfs(b.janitor, b.work / "origin", b.work / "sshfs-cached", direct_io=False)
+        b.sshfs_cached_dir = b.work / "sshfs-cached"
 
 
 def case_sshfs(b: Bench) -> None:
     reason = sshfs_available()
     if reason:
         b.note(f"sshfs case skipped: {reason}")
-        b.rows.append(Row("shared dir (sshfs) read via mount", "skipped", "—", None, "≥ 0.9×", None))
+        b.rows.append(Row("shared dir (sshfs, default I/O) read via mount", "skipped", "—", None, "≥ 1.0×", None))
+        b.rows.append(Row("shared dir (sshfs -o direct_io) read via mount", "skipped", "—", None, "≥ 0.9×", None))
         return
-    ensure_sshfs(b)
+    try:  # sshfs with its default I/O options: passthrough serves it
+        ensure_sshfs_cached(b)
+    except RuntimeError as exc:
+        b.note(f"sshfs (default I/O) skipped: {str(exc).splitlines()[0]}")
+        b.rows.append(Row("shared dir (sshfs, default I/O) read via mount", "skipped", "—", None, "≥ 1.0×", None))
+    else:
+        assert b.sshfs_cached_dir is not None
+        share = b.sshfs_cached_dir
+        mine, daemon, plain = interleave(b, [lambda: sshfs_read(b, BASE, share=share),
+                                             lambda: sshfs_read(b, DAEMON, share=share),
+                                             partial(sshfs_direct, b, share)], b.reps)
+        b.note(f"sshfs (default I/O) read: passthrough MB/s {spread(mine['MB/s'], '{:.0f}')} (daemon CPU "
+               f"{spread(mine['cpu s/GiB'], '{:.3f}')} s/GiB), daemon path {spread(daemon['MB/s'], '{:.0f}')} "
+               f"(daemon CPU {spread(daemon['cpu s/GiB'], '{:.2f}')} s/GiB), sshfs directly "
+               f"{spread(plain['MB/s'], '{:.0f}')} (no sshfs caches but the kernel's page cache, dropped at each "
+               "open; server file cached)")
+        b.rows.append(ratio_row("shared dir (sshfs, default I/O) read via mount", "MB/s", mine["MB/s"],
+                                plain["MB/s"], 1.0, daemon=daemon["MB/s"]))
+    ensure_sshfs(b)  # direct_io: no shared mmap, so passthrough falls back to the daemon path for this share
     assert b.sshfs_dir is not None
-    direct_path = b.sshfs_dir / REMOTE / "model.gguf"
-
-    def direct() -> Result:
-        prefault(b.size)
-        b.warm(b.remote)
-        return {"MB/s": b.mb_s(cat(direct_path))}
-
-    mine, plain = interleave(b, [lambda: sshfs_read(b, BASE), direct], b.reps)
-    b.note(f"sshfs read: modelfs MB/s {spread(mine['MB/s'], '{:.0f}')} (daemon CPU "
-           f"{spread(mine['cpu s/GiB'], '{:.2f}')} s/GiB), sshfs directly {spread(plain['MB/s'], '{:.0f}')} "
+    mine, daemon, plain = interleave(b, [lambda: sshfs_read(b, BASE), lambda: sshfs_read(b, DAEMON),
+                                         partial(sshfs_direct, b, b.sshfs_dir)], b.reps)
+    b.note(f"sshfs -o direct_io read: modelfs (auto, falls back to the daemon path) MB/s "
+           f"{spread(mine['MB/s'], '{:.0f}')} (daemon CPU {spread(mine['cpu s/GiB'], '{:.2f}')} s/GiB), "
+           f"--passthrough off {spread(daemon['MB/s'], '{:.0f}')}, sshfs directly {spread(plain['MB/s'], '{:.0f}')} "
            "(sshfs with direct_io and no caches, as in tests/sshfs.py; server file cached)")
-    b.rows.append(ratio_row("shared dir (sshfs) read via mount", "MB/s", mine["MB/s"], plain["MB/s"], 0.9))
+    b.rows.append(ratio_row("shared dir (sshfs -o direct_io) read via mount (daemon fallback)", "MB/s", mine["MB/s"],
+                            plain["MB/s"], 0.9, daemon=daemon["MB/s"]))
     if b.profile:
         sshfs_read(b, BASE, profile="sshfs")
+
+
+def sshfs_direct(b: Bench, share: Path) -> Result:
+    prefault(b.size)
+    b.warm(b.remote)
+    return {"MB/s": b.mb_s(cat(share / REMOTE / "model.gguf"))}
 
 
 def cold_fetch(b: Bench, lever: Lever, profile: str | None = None, trace: str | None = None) -> Result:
@@ -536,6 +639,7 @@ def mmap_mount(b: Bench, lever: Lever) -> Result:
         cpu = cpu_seconds(m.pid)
         warm_touch = mmap_touch(m.model(LOCAL))
         cpu = cpu_seconds(m.pid) - cpu
+        b.expect_io(m.model(LOCAL), "passthrough" if wants_passthrough(lever) else "daemon")
         return {"first MB/s": b.mb_s(first), "warm MB/s": b.mb_s(warm_touch), "warm daemon cpu s": cpu,
                 "warm bytes MB/s": b.mb_s(mmap_touch(m.model(LOCAL), "byte"))}
     finally:
@@ -551,30 +655,89 @@ def mmap_direct(b: Bench) -> Result:
 
 
 def case_mmap(b: Bench) -> None:
-    mine, direct = interleave(b, [lambda: mmap_mount(b, BASE), lambda: mmap_direct(b)], b.reps)
-    b.note(f"mmap touch of every page: modelfs first {spread(mine['first MB/s'], '{:.0f}')} warm "
-           f"{spread(mine['warm MB/s'], '{:.0f}')} MB/s (daemon CPU in the warm run "
-           f"{spread(mine['warm daemon cpu s'], '{:.2f}')} s); backing file {spread(direct['first MB/s'], '{:.0f}')}"
-           f" / {spread(direct['warm MB/s'], '{:.0f}')} MB/s (backing cached; 'first' is a new mapping in a new "
-           f"process)")
-    b.note(f"mmap read of every byte, warm: modelfs {spread(mine['warm bytes MB/s'], '{:.0f}')} MB/s, backing file "
-           f"{spread(direct['warm bytes MB/s'], '{:.0f}')} MB/s (ratio "
-           f"{median(mine['warm bytes MB/s']) / median(direct['warm bytes MB/s']):.2f})")
-    b.rows.append(ratio_row("mmap + touch every page: first", "MB/s", mine["first MB/s"], direct["first MB/s"], 0.5))
-    b.rows.append(ratio_row("mmap + touch every page: warm", "MB/s", mine["warm MB/s"], direct["warm MB/s"], 0.95))
+    mine, daemon, direct = interleave(b, [lambda: mmap_mount(b, BASE), lambda: mmap_mount(b, DAEMON),
+                                          lambda: mmap_direct(b)], b.reps)
+    for label, got in (("passthrough", mine), ("daemon path", daemon)):
+        b.note(f"mmap touch of every page, {label}: first {spread(got['first MB/s'], '{:.0f}')} warm "
+               f"{spread(got['warm MB/s'], '{:.0f}')} MB/s (daemon CPU in the warm run "
+               f"{spread(got['warm daemon cpu s'], '{:.2f}')} s)")
+    b.note(f"mmap touch of every page, backing file: {spread(direct['first MB/s'], '{:.0f}')} / "
+           f"{spread(direct['warm MB/s'], '{:.0f}')} MB/s (backing cached; 'first' is a new mapping in a new process)")
+    b.note(f"mmap read of every byte, warm: passthrough {spread(mine['warm bytes MB/s'], '{:.0f}')} MB/s, daemon "
+           f"path {spread(daemon['warm bytes MB/s'], '{:.0f}')} MB/s, backing file "
+           f"{spread(direct['warm bytes MB/s'], '{:.0f}')} MB/s")
+    b.rows.append(ratio_row("mmap + touch every page: first", "MB/s", mine["first MB/s"], direct["first MB/s"], 0.9,
+                            daemon=daemon["first MB/s"]))
+    b.rows.append(ratio_row("mmap + touch every page: warm", "MB/s", mine["warm MB/s"], direct["warm MB/s"], 0.95,
+                            daemon=daemon["warm MB/s"]))
+    b.rows.append(ratio_row("mmap read of every byte: warm", "MB/s", mine["warm bytes MB/s"],
+                            direct["warm bytes MB/s"], 0.95, daemon=daemon["warm bytes MB/s"]))
+
+
+def local_load(b: Bench, lever: Lever | None, cached: bool) -> Result:
+    """GGUFReader + touch every tensor of the local model, through a fresh mount (or directly with no lever),
+    with the backing file fully cached or dropped from the page cache (read from disk)."""
+    m = b.mount(lever) if lever else None
+    try:
+        path = m.model(LOCAL) if m else b.local
+        prefault(b.size)
+        if cached:
+            b.warm(b.local)
+        else:
+            evict(b.local)
+        cpu = cpu_seconds(m.pid) if m else 0.0
+        seconds = float(probe("gguf-load", str(path))["seconds"])  # type: ignore[arg-type]
+        if m and lever:
+            cpu = cpu_seconds(m.pid) - cpu
+            b.expect_io(path, "passthrough" if wants_passthrough(lever) else "daemon")
+        return {"s": seconds, "cpu s/GiB": cpu * (1 << 30) / b.size}
+    finally:
+        if m:
+            m.stop()
+
+
+def case_localload(b: Bench) -> None:
+    for cached in (False, True):
+        state = "backing cached" if cached else "backing dropped, from disk"
+        runs = [partial(local_load, b, lever, cached) for lever in (BASE, DAEMON, None)]
+        mine, daemon, direct = interleave(b, runs, b.reps)
+        b.note(f"load of a local model ({state}): passthrough {spread(mine['s'])} s (daemon CPU "
+               f"{spread(mine['cpu s/GiB'], '{:.3f}')} s/GiB), daemon path {spread(daemon['s'])} s (daemon CPU "
+               f"{spread(daemon['cpu s/GiB'], '{:.2f}')} s/GiB), directly {spread(direct['s'])} s")
+        # Targets on throughput (≥ 0.95× of direct) are ≤ 1/0.95 of its time.
+        b.rows.append(ratio_row(f"load of a local model: GGUFReader + all tensors ({state})", "s", mine["s"],
+                                direct["s"], round(1 / 0.95, 2), higher=False, daemon=daemon["s"]))
+
+
+def stat_missing(b: Bench, lever: Lever | None) -> list[float]:
+    """Milliseconds of each stat of a distinct missing name: in a fresh mount (router 404), or with no lever in a
+    plain directory of the store's disk."""
+    if lever is None:
+        empty = b.work / "empty-dir"
+        empty.mkdir(exist_ok=True)
+        ms: list[float] = probe("stat-missing", str(empty), str(b.missing), "missing-")["ms"]  # type: ignore[assignment]
+        return ms
+    m = b.mount(lever, b.work / "empty-store", ("--router", b.url))
+    try:
+        os.stat(m.mnt)
+        ms = probe("stat-missing", str(m.mnt), str(b.missing), "missing-")["ms"]  # type: ignore[assignment]
+    finally:
+        m.stop()
+    return ms
+
+
+def p99(ms: list[float]) -> float:
+    return statistics.quantiles(ms, n=100)[98] if len(ms) >= 2 else ms[0]
 
 
 def case_stat(b: Bench) -> None:
-    m = b.mount(BASE, b.work / "empty-store", ("--router", b.url))
-    try:
-        os.stat(m.mnt)
-        ms: list[float] = probe("stat-missing", str(m.mnt), str(b.missing), "missing-")["ms"]  # type: ignore[assignment]
-    finally:
-        m.stop()
-    p99 = statistics.quantiles(ms, n=100)[98] if len(ms) >= 2 else ms[0]
-    b.note(f"stat of {len(ms)} missing names: p50 {median(ms):.2f} ms, p99 {p99:.2f} ms, max {max(ms):.2f} ms")
-    b.rows.append(Row(f"stat of a missing name (router 404), {len(ms)} names", f"p99 {p99:.1f} ms", "—", None,
-                      "p99 ≤ 20 ms", p99 <= 20))
+    ms, daemon, plain = stat_missing(b, BASE), stat_missing(b, DAEMON), stat_missing(b, None)
+    for label, got in (("passthrough", ms), ("daemon path", daemon), ("plain directory", plain)):
+        b.note(f"stat of {len(got)} missing names, {label}: p50 {median(got):.2f} ms, p99 {p99(got):.2f} ms, max "
+               f"{max(got):.2f} ms")
+    b.rows.append(Row(f"stat of a missing name (router 404), {len(ms)} names", f"p99 {p99(ms):.1f} ms",
+                      f"p99 {p99(plain):.2f} ms (plain dir)", None, "p99 ≤ 20 ms", p99(ms) <= 20,
+                      daemon=f"p99 {p99(daemon):.1f} ms"))
 
 
 def case_rss(b: Bench) -> None:
@@ -596,17 +759,119 @@ def page_cache(b: Bench, lever: Lever) -> Result:
         got = probe("read-cache", str(m.model(LOCAL)), str(b.local))
     finally:
         m.stop()
+    io = got.pop("io")
+    if io != ("passthrough" if wants_passthrough(lever) else "daemon"):
+        raise RuntimeError(f"page cache run ({lever.name}) was served by {io}")
     share = {key: int(value) / b.size for key, value in got.items()}  # type: ignore[call-overload]
+    if io == "passthrough":  # the FUSE file's mapping is the backing file's: its pages are the backing pages
+        share["mount"] = share["mount_open"] = 0.0
     return {"ratio": share["mount"] + share["backing"], "mount": share["mount"], "backing": share["backing"],
             "while open": share["mount_open"] + share["backing_open"]}
 
 
 def case_pagecache(b: Bench) -> None:
-    got = page_cache(b, BASE)
-    b.note(f"page cache after one read via the mount, reader closed: FUSE file {got['mount']:.2f}× + backing file "
-           f"{got['backing']:.2f}× the size; {got['while open']:.2f}× before the reader closed")
-    b.rows.append(Row("page cache after a full read via mount", f"{got['ratio']:.2f}× size", "—", got["ratio"],
-                      "≤ 1.1×", got["ratio"] <= 1.1))
+    rows = []
+    for lever in (BASE, DAEMON):
+        got = page_cache(b, lever)
+        label = "passthrough" if lever is BASE else "daemon path"
+        b.note(f"page cache after one read via the mount, {label}, reader closed: FUSE file {got['mount']:.2f}× + "
+               f"backing file {got['backing']:.2f}× the size; {got['while open']:.2f}× before the reader closed")
+        rows.append(got["ratio"])
+    b.rows.append(Row("page cache after a full read via mount", f"{rows[0]:.2f}× size", "1.00× size", rows[0],
+                      "≤ 1.1×", rows[0] <= 1.1, daemon=f"{rows[1]:.2f}× size", daemon_ratio=rows[1]))
+
+
+SMALL = "bench/small"  # a small local model beside LOCAL, for the hung-lookup case
+HUNG = "bench/hung"  # a name in the same directory that is nowhere local: its lookup asks the shared dir or router
+
+
+def daemon_waits_on_fuse(pid: int) -> bool:
+    """Whether a thread of `pid` sleeps in a FUSE request (the daemon's worker inside a stopped sshfs)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if "fuse" in (task / "wchan").read_text() or "request_wait_answer" in (task / "stack").read_text():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def beside_hung_lookup(b: Bench, lever: Lever | None, fault: str) -> Result:
+    """ms of `cat` of a small local model (a fresh lookup + open + read in a new process) while a lookup of another
+    name in the same directory waits on a stalled router HEAD (`fault="router"`) or a stopped sshfs ("shared").
+    Without a lever: the same `cat` of the backing file, for reference."""
+    if lever is None:
+        return {"ms": 1000 * cat(b.work / "store" / SMALL / "model.gguf")}
+    args = ("--router", b.url) if fault == "router" else ("--shared", str(b.sshfs_dir))
+    m = b.mount(lever, args=args)
+    hung: subprocess.Popen[bytes] | None = None
+    try:
+        os.stat(m.mnt / "bench")  # the directory's own lookup (store) is not what is measured
+        deadline = time.monotonic() + 10
+        if fault == "router":
+            assert b.router is not None
+            b.router.reset()
+            b.router.control(hang=True, models=[HUNG])
+            hung = subprocess.Popen(["stat", str(m.model(HUNG))], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            while not any(r["method"] == "HEAD" and r["name"] == HUNG for r in b.router.stats()["requests"]):
+                if time.monotonic() > deadline or hung.poll() is not None:
+                    raise RuntimeError("the router never held the HEAD of the stalled lookup")
+                time.sleep(0.01)
+        else:
+            assert b.sshfs_mount is not None
+            b.sshfs_mount.stop()
+            hung = subprocess.Popen(["stat", str(m.model(HUNG))], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            while not daemon_waits_on_fuse(m.pid):
+                if time.monotonic() > deadline or hung.poll() is not None:
+                    raise RuntimeError("the daemon never waited on the stopped sshfs")
+                time.sleep(0.01)
+        seconds = cat(m.model(SMALL))
+        if hung.poll() is not None:
+            raise RuntimeError(f"the stalled lookup ended before the measured read did ({fault}): not measured")
+        return {"ms": 1000 * seconds}
+    finally:
+        if fault == "router" and b.router is not None:
+            b.router.control(hang=None, models=None)
+        if fault == "shared" and b.sshfs_mount is not None and b.sshfs_mount.stopped:
+            b.sshfs_mount.cont()
+        if hung is not None:
+            try:
+                hung.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                hung.kill()
+                hung.wait()
+        m.stop()
+
+
+def case_hung(b: Bench) -> None:
+    faults = []
+    if b.router is None:
+        b.note("hung lookup beside a stalled router: skipped (needs the test router, not --server nginx)")
+    else:
+        faults.append(("router", "a stalled router HEAD"))
+    reason = sshfs_available()
+    if reason is None:
+        try:
+            ensure_sshfs(b)
+        except RuntimeError as exc:
+            reason = str(exc).splitlines()[0]
+    if reason is None:
+        faults.append(("shared", "a hung shared dir (sshfs SIGSTOP)"))
+    else:
+        b.note(f"hung lookup beside a hung shared dir: skipped ({reason})")
+    for fault, what in faults:
+        mine, daemon, plain = interleave(b, [partial(beside_hung_lookup, b, BASE, fault),
+                                             partial(beside_hung_lookup, b, DAEMON, fault),
+                                             partial(beside_hung_lookup, b, None, fault)], b.reps)
+        b.note(f"lookup + read of a small local model beside a lookup waiting on {what}: passthrough "
+               f"{spread(mine['ms'], '{:.1f}')} ms, daemon path {spread(daemon['ms'], '{:.1f}')} ms; `cat` of the "
+               f"backing file {spread(plain['ms'], '{:.1f}')} ms")
+        m, d = median(mine["ms"]), median(daemon["ms"])
+        b.rows.append(Row(f"lookup + read of a local model beside {what}", f"{m:.1f} ms",
+                          f"{median(plain['ms']):.1f} ms", None, "≤ 100 ms", m <= 100 and d <= 100,
+                          daemon=f"{d:.1f} ms"))
 
 
 def lever_run(b: Bench, case: str) -> Callable[[Lever], Result]:
@@ -655,6 +920,49 @@ def run_levers(b: Bench, cases: list[str]) -> list[str]:
 # Setup, machine description, output.
 
 
+def chart(rows: list[Row], out: Path, subtitle: str) -> str:
+    """Grouped bars per read case: direct = 1.0, modelfs passthrough and daemon path as speed relative to it."""
+    drawn = [r for r in rows if r.ratio is not None and r.daemon_ratio is not None and r.case != "page cache after a "
+             "full read via mount"]
+    if not drawn:
+        return "chart: no case with the three paths measured"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "chart skipped: matplotlib missing (.venv/bin/pip install -e '.[test]')"
+
+    def speed(ratio: float | None, higher: bool) -> float:
+        assert ratio is not None
+        return ratio if higher else 1 / ratio  # time ratios become speed: direct time / modelfs time
+
+    labels = [r.case.replace(" via mount", "").replace(" (daemon fallback)", "") for r in drawn]
+    groups = {"direct path": [1.0] * len(drawn),
+              "modelfs, passthrough (default)": [speed(r.ratio, r.higher) for r in drawn],
+              "modelfs, daemon path (--passthrough off)": [speed(r.daemon_ratio, r.higher) for r in drawn]}
+    colours = ("#9e9e9e", "#1f77b4", "#ff7f0e")
+    fig, ax = plt.subplots(figsize=(11, 0.75 * len(drawn) + 1.8))
+    height = 0.26
+    for i, ((name, values), colour) in enumerate(zip(groups.items(), colours, strict=True)):
+        ys = [n + (i - 1) * height for n in range(len(drawn))]
+        bars = ax.barh(ys, values, height, label=name, color=colour)
+        ax.bar_label(bars, [f"{v:.2f}" for v in values], padding=2, fontsize=7)
+    ax.set_yticks(range(len(drawn)), [textwrap.fill(label, 42) for label in labels], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("speed relative to the direct path, same run (1.0 = as fast as direct; higher is better)")
+    ax.set_xlim(0, max(1.25, max(max(v) for v in groups.values()) * 1.12))
+    ax.set_title(f"modelfs reads: FUSE passthrough vs daemon path vs direct\n{subtitle}", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / len(drawn) - 0.02), ncol=3, fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return f"chart: {out}"
+
+
 def parse_size(text: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     text = text.strip().upper().removesuffix("IB").removesuffix("B")
@@ -680,14 +988,24 @@ def machine() -> list[str]:
         f"modelfs at commit {commit}{' with uncommitted changes in modelfs/' if dirty else ''}",
         f"nproc {os.cpu_count()}, {mem.split(':')[1].strip()} memory, kernel {platform.release()}, "
         f"python {platform.python_version()}, pyfuse3 {pyfuse3.__version__}, "
-        f"libfuse {version(['fusermount3', '-V']).split()[-1]}, {version(['curl', '--version']).split(' (')[0]}",
+        f"libfuse {libfuse_version()} (the one pyfuse3 loaded), {version(['curl', '--version']).split(' (')[0]}",
     ]
 
 
+def libfuse_version() -> str:
+    """The libfuse the daemon uses: the library file pyfuse3 loaded (a private build, not the system's fusermount3)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        name = line.rsplit("/", 1)[-1]
+        if name.startswith("libfuse3.so."):
+            return name.removeprefix("libfuse3.so.")
+    return "?"
+
+
 def table(rows: list[Row]) -> list[str]:
-    header = ("case", "modelfs", "direct", "ratio", "target", "met?")
+    header = ("case", "modelfs", "direct", "ratio", "target", "met?", "daemon path", "daemon ratio")
     cells = [[r.case, r.modelfs, r.direct, "—" if r.ratio is None else f"{r.ratio:.2f}", r.target,
-              "—" if r.met is None else ("yes" if r.met else "NO")] for r in rows]
+              "—" if r.met is None else ("yes" if r.met else "NO"), r.daemon or "—",
+              "—" if r.daemon_ratio is None else f"{r.daemon_ratio:.2f}"] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *cells, strict=True)]
     out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
            "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -706,8 +1024,10 @@ def run_size(args: argparse.Namespace, size: int, cases: list[str], janitor: Jan
     b.remote.parent.mkdir(parents=True)
     shutil.copyfile(b.local, b.remote)
     b.size = os.stat(b.local).st_size
+    small = b.work / "store" / SMALL / "model.gguf"
+    make_gguf_of_size(small, MIB)
     hour_ago = time.time() - 3600
-    for path in (b.local, b.remote):  # like a real model: not just written (modelfs trusts only settled files)
+    for path in (b.local, b.remote, small):  # like a real model: not just written (modelfs trusts only settled files)
         os.utime(path, (hour_ago, hour_ago))
     print(f"made two GGUF files of {b.size} bytes in {time.monotonic() - start:.1f}s", flush=True)
     if args.server == "nginx":
@@ -715,12 +1035,12 @@ def run_size(args: argparse.Namespace, size: int, cases: list[str], janitor: Jan
         b.url, b.counter, b.sent = nginx.url, nginx.reset, nginx.bytes_sent
     else:
         router = start_router(janitor, work / "origin")
-        b.url, b.counter, b.sent = router.url, router.reset, router.bytes_sent
+        b.url, b.counter, b.sent, b.router = router.url, router.reset, router.bytes_sent, router
     functions: dict[str, Callable[[Bench], None]] = {
         "warm": case_warm, "first": case_first, "sshfs": case_sshfs, "fetch": case_fetch, "nginx": case_nginx,
         "load": case_load,
         "readers": case_readers, "mmap": case_mmap, "stat": case_stat, "rss": case_rss,
-        "pagecache": case_pagecache,
+        "pagecache": case_pagecache, "localload": case_localload, "hung": case_hung,
     }
     for case in cases:
         print(f"[{size / MIB:.0f} MiB] {case}", flush=True)
@@ -790,12 +1110,17 @@ def main(argv: list[str] | None = None) -> int:
     print("modelfs benchmark:", " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]))
     for line in header:
         print(line)
-    rows = [Row(f"[{b.size / MIB:.0f} MiB] {r.case}" if len(results) > 1 else r.case, r.modelfs, r.direct, r.ratio,
-                r.target, r.met) for b in results for r in b.rows]
+    rows = [dataclasses.replace(r, case=f"[{b.size / MIB:.0f} MiB] {r.case}" if len(results) > 1 else r.case)
+            for b in results for r in b.rows]
     print(f"model size {', '.join(f'{b.size} bytes' for b in results)}; {args.reps} repetition(s) per side, "
           f"interleaved, medians; {time.monotonic() - began:.0f}s")
+    print("modelfs: the mount as configured by default (passthrough here); daemon path: MODELFS_PASSTHROUGH=off; "
+          "ratios are to the direct path")
     print()
     print("\n".join(table(rows)))
+    print()
+    print(chart(rows, args.workdir / "passthrough.png", f"{', '.join(f'{b.size / MIB:.0f} MiB' for b in results)}, "
+                f"{args.reps} rep(s), kernel {platform.release()}"))
     for b in results:
         print()
         print(f"raw numbers ({b.size / MIB:.0f} MiB; median [min..max]):")
