@@ -32,6 +32,10 @@ ENTRY_TIMEOUT = 1.0
 NEGATIVE_TIMEOUT = 1.0
 #: What `stat` tells readers to use as a buffer size: large reads mean few round trips to the daemon.
 BLKSIZE = 1 << 20
+#: Background requests (read-ahead, releases) the kernel may have in flight on the daemon path; with its default of
+#: 12, reads waiting on a stopped share or a download hold every slot and other files' read-ahead queues behind
+#: them (the soak in docs/performance.md). Read by the patched pyfuse3's FUSE_INIT handler.
+MAX_BACKGROUND = 256
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -72,6 +76,7 @@ class ModelFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    max_background = MAX_BACKGROUND
 
     def __init__(self, resolver: Resolver, passthrough: Passthrough | None = None) -> None:
         super().__init__()
