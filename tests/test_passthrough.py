@@ -63,3 +63,27 @@ def test_passthrough_setting_is_validated():
     assert load(env={}).passthrough == "auto"
     with pytest.raises(ConfigError, match="'passthrough': expected auto, on or off"):
         load({"passthrough": "sometimes"}, env={})
+
+
+def test_kernel_allows_256_background_requests(mount):
+    """The FUSE_INIT reply raises the kernel's limit of background requests (fs.MAX_BACKGROUND): with the default
+    of 12, reads waiting on a stopped share hold every slot (docs/performance.md, soak)."""
+    import subprocess
+
+    from modelfs.fs import MAX_BACKGROUND
+
+    m = mount()
+    connections = "/sys/fs/fuse/connections"
+    ours = subprocess.run(["mountpoint", "-q", connections]).returncode != 0
+    if ours:
+        subprocess.run(["mount", "-t", "fusectl", "none", connections], check=True)
+    try:
+        dev = os.stat(m.path).st_dev
+        conn = f"{connections}/{os.minor(dev)}"
+        with open(f"{conn}/max_background") as f:
+            assert int(f.read()) == MAX_BACKGROUND == 256
+        with open(f"{conn}/congestion_threshold") as f:
+            assert int(f.read()) == 192
+    finally:
+        if ours:
+            subprocess.run(["umount", connections], check=True)
