@@ -264,7 +264,6 @@ class Fetcher:
     def __init__(self, store: Store, router: Router, retries: int, mtime_ns: int) -> None:
         self.store = store
         self.mtime_ns = mtime_ns  # what `stat` shows for a model until it is downloaded (the mount's start)
-        self.completed: set[str] = set()  # downloaded by this daemon, not opened from the store since
         self.router = router
         self.retries = retries
         self.streams = max(1, router.download_streams)
@@ -310,8 +309,6 @@ class Fetcher:
         try:
             await trio.to_thread.run_sync(self._fetch, download, abandon_on_cancel=True)
             finished = True
-            if download.error is None:
-                self.completed.add(download.name)
         finally:
             if self.downloads.get(download.name) is download:  # an open after its failure may have a new one
                 del self.downloads[download.name]
@@ -658,15 +655,6 @@ def parse_response(response: httpx.Response) -> Response:
         return Response(int(match.group(1)), total, validator, digest)
     length = response.headers.get("content-length")
     return Response(0, int(length) if length and length.isdigit() else None, validator, digest)
-
-
-def _same_version(sidecar: dict[str, object], answer: Response) -> bool:
-    """Whether a resumed body belongs to the same file the partial holds."""
-    if answer.start == 0:
-        return False  # a full body: always start over, never splice
-    if sidecar.get("total") != answer.total:
-        return False
-    return sidecar.get("validator") == answer.validator
 
 
 def _parse_digest(headers: httpx.Headers) -> str | None:
