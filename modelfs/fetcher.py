@@ -205,6 +205,9 @@ class Download:
         self.done = False
         self.error: Failure | None = None
         self.started = time.monotonic()
+        # The model's mtime from now on, kept by the promoted file: each download's own, so a model downloaded
+        # again (whose partial file may get a recycled inode number) never has the identity of an earlier one.
+        self.mtime_ns = time.time_ns()
         self.stop = threading.Event()
         self.parts = Parts(part_size)
         self.record_lock = threading.Lock()  # the resume record and a restart never interleave
@@ -261,9 +264,8 @@ class Download:
 class Fetcher:
     """Owns every download in progress, at most one per model name."""
 
-    def __init__(self, store: Store, router: Router, retries: int, mtime_ns: int) -> None:
+    def __init__(self, store: Store, router: Router, retries: int) -> None:
         self.store = store
-        self.mtime_ns = mtime_ns  # what `stat` shows for a model until it is downloaded (the mount's start)
         self.router = router
         self.retries = retries
         self.streams = max(1, router.download_streams)
@@ -335,7 +337,7 @@ class Fetcher:
         try:
             fetched = self._fetch_with_restarts(download)
             self._verify(download)
-            path = self.store.promote(name, download.fd, self.mtime_ns)
+            path = self.store.promote(name, download.fd, download.mtime_ns)
             seconds = time.monotonic() - began
             size = os.fstat(download.fd).st_size
             log.info("downloaded %s: %d bytes (%d fetched) in %.2fs, %.1f MB/s, into %s",

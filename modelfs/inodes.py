@@ -183,7 +183,8 @@ class Inodes:
             if self._current.get(version.path) is not version or reader.identity[2] != version.source.size:
                 raise self._stale(version)
             log.debug("%s: inode %d adopts %s", version.path, version.inode, reader.identity)
-        version.source = dataclasses.replace(version.source, identity=reader.identity, trusted=reader.trusted)
+        version.source = dataclasses.replace(version.source, identity=reader.identity, trusted=reader.trusted,
+                                             mtime_ns=reader.identity[3])
         return proven
 
     @staticmethod

@@ -131,7 +131,7 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
     shared = [SharedDir(root, config.shared_timeout) for root in config.shared]
     router = Router(config) if config.router else None
     started_ns = time.time_ns()
-    fetcher = Fetcher(store, router, config.retries, started_ns) if router else None
+    fetcher = Fetcher(store, router, config.retries) if router else None
     resolver = Resolver(config, store, shared, router, fetcher, started_ns)
     passthrough = Passthrough(config.passthrough)
     try:

@@ -156,15 +156,16 @@ class Resolver:
         return self._router_source(name, remote.size)
 
     def _router_source(self, name: str, size: int, download: Download | None = None) -> Source:
-        identity = None if download is None else self._download_identity(download, size)
-        return Source(ROUTER, name, self.store.final_path(name), size, self.started_ns, download=download,
-                      identity=identity)
+        if download is None:  # no file yet: the mount's start time, and no identity
+            return Source(ROUTER, name, self.store.final_path(name), size, self.started_ns)
+        return Source(ROUTER, name, self.store.final_path(name), size, download.mtime_ns, download=download,
+                      identity=self._download_identity(download, size))
 
     def _download_identity(self, download: Download, size: int) -> Identity:
         """The identity the model will have once promoted: the partial file is renamed, never copied, and gets
-        the mtime the mount shows meanwhile; so streaming handles and later opens share one inode and its pages."""
+        the download's mtime; so streaming handles and later opens share one inode and its pages."""
         st = os.fstat(download.fd)
-        return (st.st_dev, st.st_ino, download.total or size, self.started_ns)
+        return (st.st_dev, st.st_ino, download.total or size, download.mtime_ns)
 
     async def is_dir(self, prefix: str) -> bool:
         """Whether `prefix` is a directory of the mount (`org` when `org/model` exists somewhere)."""

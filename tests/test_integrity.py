@@ -266,3 +266,24 @@ def test_a_download_whose_source_changes_midway_never_mixes_versions(mount, rout
     assert read_new(m.model("moving")) == new, m.log_text()
     wait_for((dirs["store"] / "moving" / "model.gguf").exists, what="the new version's promotion")
     assert (dirs["store"] / "moving" / "model.gguf").read_bytes() == new
+
+
+def test_a_model_downloaded_again_in_one_mount_is_the_new_version(mount, router, dirs, io):
+    """The second download's partial file may get the first one's recycled inode number, with the same size: its
+    own mtime (each download's start) keeps its identity apart, so no page of the first reaches a new opener."""
+    old, new = gguf_bytes(SIZE, seed=1), gguf_bytes(SIZE, seed=2)
+    r = router()
+    path = write_model(r.models_dir, "twice", old)
+    m = mount(*mount_args(io, "--router", r.url))
+    final = dirs["store"] / "twice" / "model.gguf"
+    assert read_new(m.model("twice")) == old
+    wait_for(final.exists, what="the first promotion")
+    assert read_new(m.model("twice")) == old  # from the store, its pages cached
+    final.unlink()
+    (final.parent / ".modelfs-downloaded").unlink()
+    replace(path, new)
+    time.sleep(SETTLE)
+    assert read_new(m.model("twice")) == new
+    wait_for(final.exists, what="the second promotion")
+    assert read_new(m.model("twice")) == new
+    assert r.blob_gets("twice") == 2
