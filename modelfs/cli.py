@@ -1,8 +1,10 @@
-"""Command line: `modelfs mount | umount | status | prefetch`.
+"""Command line: `modelfs mount | umount | restart | status | prefetch`.
 
-`mount` without --foreground daemonizes by forking before any thread exists, and returns only when the child
-reports the mount live (exit 0) or failed (exit 1 with the reason). Secrets never go on the command line by
-preference: --router-token exists, but MODELFS_ROUTER_TOKEN or the config file keep the key out of `ps`.
+`mount` runs a supervisor (`supervisor`) that starts the serving daemon and restarts it if it dies, keeping the
+mount: in the background (it forks before any thread exists, and returns only when the mount is live, exit 0, or
+failed, exit 1 with the reason) or, with --foreground, in this process. Under a service manager (NOTIFY_SOCKET:
+systemd) or with --no-supervisor, this process is the serving daemon itself. Secrets never go on the command line
+by preference: --router-token exists, but MODELFS_ROUTER_TOKEN or the config file keep the key out of `ps`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--router-token", help="router API key (visible in ps: prefer MODELFS_ROUTER_TOKEN or "
                        "router_token in the config file)")
     mount.add_argument("--config", type=Path, help="TOML config file (keys as these flags, with _)")
-    mount.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd); log to stderr")
+    mount.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd, containers); log "
+                       "to stderr")
+    mount.add_argument("--no-supervisor", action="store_true", help="serve in this very process, without a "
+                       "supervisor: nothing restarts it, and if it dies the mount is left stale (for debugging)")
     mount.add_argument("--allow-other", action="store_true", default=None,
                        help="let other users read the mount (non-root needs user_allow_other in /etc/fuse.conf)")
     mount.add_argument("--shared-timeout", type=float, help="seconds before a shared directory that does not "
@@ -67,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
 
     umount = commands.add_parser("umount", help="unmount modelfs (also clears a mount left by a crashed daemon)")
     umount.add_argument("mountpoint", type=Path)
+
+    restart = commands.add_parser(
+        "restart", help="hand a live mount to the modelfs now installed, without unmounting",
+        description="Starts a new serving daemon (of the modelfs installed now, with the config file as it is "
+        "now) and hands it the live mount: open files, mappings and downloads go on after a short pause. Refused, "
+        "with the running daemon left alone, if the installed modelfs would speak FUSE differently.")
+    restart.add_argument("mountpoint", type=Path)
+    restart.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the new daemon")
 
     status = commands.add_parser("status", help="what a running modelfs is doing: models, downloads, sources",
                                  description="Reads the running daemon's state through its extended attributes.")
@@ -108,29 +122,71 @@ def default_log_file() -> Path:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import MountError, run
-
     try:
         config = load(_flags(args), args.config)
     except ConfigError as exc:
         print(f"modelfs: {exc}", file=sys.stderr)
         return 2
     mountpoint = args.mountpoint.absolute()
-    if args.foreground:
+    if args.foreground and (args.no_supervisor or os.environ.get("NOTIFY_SOCKET")):
+        from .mount import HANDOVER_EXIT, MountError, run
+
         setup_logging(config.debug)
         try:
-            run(config, mountpoint)
+            status = run(config, mountpoint)
         except MountError as exc:
             log.error("%s", exc)
+            from .fdstore import notify
+
+            notify(f"STATUS=error: {exc}")
             return 1
-        return 0
-    return _daemonize(config, mountpoint, args.log_file or default_log_file())
+        if status == HANDOVER_EXIT:  # the next daemon waits for this process to be gone: no teardown
+            logging.shutdown()
+            os._exit(status)
+        return status
+    if args.foreground:
+        setup_logging(config.debug)
+        return _supervise(args, mountpoint, lambda message: None)
+    return _daemonize(args, config, mountpoint, args.log_file or default_log_file())
 
 
-def _daemonize(config: Config, mountpoint: Path, log_file: Path) -> int:
-    """Fork a daemon that serves the mount; return once it says the mount is live, or why it is not."""
-    from .mount import MountError, run
+def _daemon_args(args: argparse.Namespace, mountpoint: Path) -> list[str]:
+    """The `modelfs mount` arguments of the serving daemon: these flags, paths made absolute. The router key goes
+    by the environment, never on a command line."""
+    out = [str(mountpoint)]
+    paths = {"store": "--store", "config": "--config"}
+    for key, flag in paths.items():
+        if getattr(args, key):
+            out += [flag, str(Path(getattr(args, key)).absolute())]
+    out += [item for path in args.shared or () for item in ("--shared", str(Path(path).absolute()))]
+    out += [item for url in args.router or () for item in ("--router", url)]
+    values = {"shared_timeout": "--shared-timeout", "connect_timeout": "--connect-timeout",
+              "read_timeout": "--read-timeout", "retries": "--retries", "store_max_size": "--store-max-size",
+              "passthrough": "--passthrough", "metrics": "--metrics"}
+    for key, flag in values.items():
+        if getattr(args, key) is not None:
+            out += [flag, str(getattr(args, key))]
+    for key, flag in {"allow_other": "--allow-other", "debug": "--debug"}.items():
+        if getattr(args, key):
+            out.append(flag)
+    if args.router_token:
+        os.environ["MODELFS_ROUTER_TOKEN"] = args.router_token
+    return out
 
+
+def _supervise(args: argparse.Namespace, mountpoint: Path, ready: Callable[[str], None]) -> int:
+    from .supervisor import Supervisor
+
+    try:
+        return Supervisor(_daemon_args(args, mountpoint), mountpoint, ready).run()
+    except OSError as exc:
+        log.error("cannot supervise %s: %s", mountpoint, exc)
+        ready(f"error: cannot supervise {mountpoint}: {exc}")
+        return 1
+
+
+def _daemonize(args: argparse.Namespace, config: Config, mountpoint: Path, log_file: Path) -> int:
+    """Fork the supervisor, which starts the serving daemon; return once the mount is live, or why it is not."""
     try:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -139,9 +195,10 @@ def _daemonize(config: Config, mountpoint: Path, log_file: Path) -> int:
         return 1
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the daemon
+    if pid == 0:  # the supervisor
         os.close(read_end)
         os.setsid()
+        os.chdir("/")
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(log_fd, 1)
@@ -149,11 +206,7 @@ def _daemonize(config: Config, mountpoint: Path, log_file: Path) -> int:
         setup_logging(config.debug)
         status = 1
         try:
-            run(config, mountpoint, ready=lambda: _tell(write_end, "ok"))
-            status = 0
-        except MountError as exc:
-            log.error("%s", exc)
-            _tell(write_end, f"error: {exc}")
+            status = _supervise(args, mountpoint, lambda message: _tell(write_end, message))
         except BaseException as exc:  # noqa: BLE001 - report anything to the waiting parent
             log.exception("modelfs failed")
             _tell(write_end, f"error: {exc}")
@@ -178,7 +231,7 @@ def _tell(fd: int, message: str) -> None:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from .mount import MountError, is_stale, unmount
+    from .fusermount import MountError, is_stale, unmount
 
     mountpoint = args.mountpoint.absolute()
     try:
@@ -198,7 +251,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .restart import cmd_restart
     from .status import cmd_prefetch, cmd_status
 
-    commands = {"mount": cmd_mount, "umount": cmd_umount, "status": cmd_status, "prefetch": cmd_prefetch}
+    commands = {"mount": cmd_mount, "umount": cmd_umount, "restart": cmd_restart, "status": cmd_status,
+                "prefetch": cmd_prefetch}
     return commands[args.command](args)

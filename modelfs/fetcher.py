@@ -306,6 +306,21 @@ class Fetcher:
         self._nursery.start_soon(self._run, download)
         return download
 
+    def resume(self, name: str, size_hint: int | None, mtime_ns: int) -> Download:
+        """`start` for a daemon taking over a mount whose previous daemon was downloading `name` (see `resume`).
+
+        The download keeps that daemon's mtime, so the model keeps its identity (and its inode in the mount), and
+        the bytes on disk count as already served: they are readable at once, and a server that answers with
+        other bytes fails the download (EIO) rather than mixing two versions under a reader.
+        """
+        fresh = name not in self.downloads
+        download = self.start(name, size_hint)
+        if fresh:
+            download.mtime_ns = mtime_ns
+            with download.parts.lock:
+                download.parts.confirmed = True
+        return download
+
     async def _run(self, download: Download) -> None:
         finished = False
         try:

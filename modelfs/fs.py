@@ -84,8 +84,11 @@ class ModelFS(pyfuse3.Operations):
         self.passthrough = passthrough or Passthrough("off")
         self.enable_passthrough = self.passthrough.wanted  # read by the patched pyfuse3's FUSE_INIT handler
         self.inodes = Inodes(resolver, self.passthrough)
-        self._dirs: dict[int, tuple[str, list[tuple[str, Source | None]]]] = {}
+        # Directory handles: the listing taken at opendir (None: a handle from before a restart, listed again).
+        self._dirs: dict[int, tuple[str, list[tuple[str, Source | None]] | None]] = {}
         self._next_fh = 1
+        #: The serving process and its restarts, for status (see `resume.lifecycle`).
+        self.lifecycle: dict[str, object] = {}
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -202,11 +205,15 @@ class ModelFS(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._dirs[fh] = (path, sorted(entries.items()))
+        self.inodes.recorder.dir_opened(fh, inode)
         return fh
 
     @translated
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         parent, entries = self._dirs[fh]
+        if entries is None:
+            entries = sorted((await self.resolver.list_dir(parent)).items())
+            self._dirs[fh] = (parent, entries)
         for index in range(start_id, len(entries)):
             entry, source = entries[index]
             attrs, version = self._entry(names.join(parent, entry), source)
@@ -217,7 +224,18 @@ class ModelFS(pyfuse3.Operations):
 
     @translated
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        if self._dirs.pop(fh, None) is not None:
+            self.inodes.recorder.dir_released(fh)
+
+    def dir_handles(self) -> tuple[dict[int, int], int]:
+        """Open directory handles (fh -> directory inode) and the next handle number, for the restart journal."""
+        inodes = {path: inode for inode, path in self.inodes.tables()[0].items()}
+        return {fh: inodes[path] for fh, (path, _) in self._dirs.items() if path in inodes}, self._next_fh
+
+    def restore_dir_handles(self, handles: dict[int, str], next_fh: int) -> None:
+        """Directory handles from before a restart: listed again at their next readdir."""
+        self._dirs.update((fh, (path, None)) for fh, path in handles.items())
+        self._next_fh = max(self._next_fh, next_fh)
 
     # Open files.
 
@@ -242,7 +260,7 @@ class ModelFS(pyfuse3.Operations):
 
     def status(self) -> dict[str, object]:
         """The daemon's state, for the root's xattrs and `modelfs status`."""
-        return {"version": __version__, **self.resolver.status(),
+        return {"version": __version__, **self.lifecycle, **self.resolver.status(),
                 "passthrough": {"mode": self.passthrough.mode, "active": self.passthrough.active,
                                 "reason": self.passthrough.reason},
                 "inodes": self.inodes.counts()}

@@ -11,6 +11,9 @@ dentry the kernel cached for up to ENTRY_TIMEOUT) fails with ESTALE; the kernel 
 
 Cost: one small record per inode the kernel knows. Versions the kernel has forgotten and nobody holds open are
 dropped; each name keeps at most its newest version beyond that.
+
+Every inode and handle the kernel is about to learn of is told to a `Recorder` first (the restart journal, see
+`state`), and `restore` builds the tables again from it in a new daemon serving the same connection.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import errno
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import pyfuse3
 import trio
@@ -30,6 +34,10 @@ from .readers import Reader
 from .resolver import Resolver, Source
 
 log = logging.getLogger(__name__)
+
+#: The lookup count of a version restored after a restart: the kernel's real count was not saved (a write per
+#: lookup would cost more than it saves), so restored versions are never dropped by forgets, only at unmount.
+RESTORED_LOOKUPS = 1 << 60
 
 
 @dataclass(eq=False)
@@ -73,12 +81,48 @@ class Version:
         return source.identity == self.source.identity and (self.source.trusted or self.file is None)
 
 
+class Recorder(Protocol):
+    """Where inodes and handles are recorded before the kernel learns them, so a new daemon can restore them."""
+
+    def directory(self, inode: int, path: str) -> None: ...
+    def version(self, version: Version) -> None: ...
+    def dropped(self, inode: int) -> None: ...
+    def opened(self, fh: int, inode: int, backing_id: int) -> None: ...
+    def released(self, fh: int) -> None: ...
+    def dir_opened(self, fh: int, inode: int) -> None: ...
+    def dir_released(self, fh: int) -> None: ...
+
+
+class NoRecorder:
+    def directory(self, inode: int, path: str) -> None:
+        pass
+
+    def version(self, version: Version) -> None:
+        pass
+
+    def dropped(self, inode: int) -> None:
+        pass
+
+    def opened(self, fh: int, inode: int, backing_id: int) -> None:
+        pass
+
+    def released(self, fh: int) -> None:
+        pass
+
+    def dir_opened(self, fh: int, inode: int) -> None:
+        pass
+
+    def dir_released(self, fh: int) -> None:
+        pass
+
+
 class Inodes:
     """Inode numbers (never reused while mounted), lookup counts, and the open file behind each version."""
 
     def __init__(self, resolver: Resolver, passthrough: Passthrough) -> None:
         self.resolver = resolver
         self.passthrough = passthrough
+        self.recorder: Recorder = NoRecorder()
         self._dirs: dict[str, int] = {"": pyfuse3.ROOT_INODE}
         self._dir_paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
         self._versions: dict[int, Version] = {}
@@ -99,6 +143,7 @@ class Inodes:
         if inode is None:
             inode = self._dirs[path] = self._new_inode()
             self._dir_paths[inode] = path
+            self.recorder.directory(inode, path)
         return inode
 
     def dir_path(self, inode: int) -> str | None:
@@ -113,9 +158,13 @@ class Inodes:
         if current is not None and current.same_file(source):
             # The same file, maybe by another route (a finished download is now in the store). Only an open that
             # dropped the inode's pages may make it trusted (`_adopt`).
-            current.source = dataclasses.replace(source, trusted=current.source.trusted)
+            before = current.source
+            current.source = dataclasses.replace(source, trusted=before.trusted)
+            if (before.kind, before.path, before.identity) != (source.kind, source.path, source.identity):
+                self.recorder.version(current)
             return current
         version = Version(self._new_inode(), path, source)
+        self.recorder.version(version)
         self._versions[version.inode] = version
         self._current[path] = version
         if current is not None:
@@ -132,6 +181,7 @@ class Inodes:
     def _drop_if_unused(self, version: Version) -> None:
         if version.lookups <= 0 and version.file is None and self._current.get(version.path) is not version:
             del self._versions[version.inode]
+            self.recorder.dropped(version.inode)
 
     def counts(self) -> dict[str, int]:
         """For status: how many inodes and open files the daemon holds."""
@@ -168,6 +218,7 @@ class Inodes:
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = version
+            self.recorder.opened(fh, version.inode, file.backing_id)
             # The kernel refuses FOPEN_KEEP_CACHE with passthrough; its page cache is the backing file's then.
             return fh, file, keep_cache and not file.backing_id
 
@@ -185,6 +236,7 @@ class Inodes:
             log.debug("%s: inode %d adopts %s", version.path, version.inode, reader.identity)
         version.source = dataclasses.replace(version.source, identity=reader.identity, trusted=reader.trusted,
                                              mtime_ns=reader.identity[3])
+        self.recorder.version(version)
         return proven
 
     @staticmethod
@@ -197,12 +249,15 @@ class Inodes:
         return file
 
     async def release(self, fh: int) -> None:
-        version = self._handles.pop(fh)
+        version = self._handles.pop(fh, None)
+        if version is None:  # a release the kernel sent again after a restart, already done before it
+            return
         async with version.lock:
             file = version.file
             assert file is not None
             file.handles -= 1
             if file.handles:
+                self.recorder.released(fh)
                 return
             version.file = None
             if file.backing_id:
@@ -210,4 +265,32 @@ class Inodes:
             try:
                 await self.resolver.close(version.name, file.reader)
             finally:
+                self.recorder.released(fh)  # before the drop: a journal never drops an inode with handles
                 self._drop_if_unused(version)
+
+    # Restarts.
+
+    def restore(self, dirs: dict[int, str], versions: list[Version], handles: dict[int, Version],
+                next_inode: int, next_fh: int) -> None:
+        """Take over the tables of the daemon that served this connection before (see `resume`).
+
+        `versions` carry their open files (with the number of handles each); a path's newest inode is its current
+        version.
+        """
+        for inode, path in dirs.items():
+            self._dirs[path] = inode
+            self._dir_paths[inode] = path
+        for version in sorted(versions, key=lambda v: v.inode):
+            version.lookups = RESTORED_LOOKUPS
+            self._versions[version.inode] = version
+            self._current[version.path] = version
+        self._handles.update(handles)
+        self._next_inode = max(self._next_inode, next_inode)
+        self._next_fh = max(self._next_fh, next_fh)
+
+    def tables(self) -> tuple[dict[int, str], list[Version], dict[int, tuple[int, int]], int, int]:
+        """What `restore` takes, for a compacted journal: directories, versions, handles (fh -> inode and backing
+        id), and the next inode and handle numbers."""
+        handles = {fh: (version.inode, version.file.backing_id if version.file else 0)
+                   for fh, version in self._handles.items()}
+        return dict(self._dir_paths), list(self._versions.values()), handles, self._next_inode, self._next_fh

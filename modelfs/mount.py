@@ -1,76 +1,54 @@
-"""The life of a mount: checks, pyfuse3.init, the trio loop, readiness, signals, and a clean unmount.
+"""The life of a serving daemon: checks, mounting or taking over a live mount, the trio loop, readiness, signals,
+and the end: a clean unmount, or a hand-over that leaves the mount to the next daemon.
 
-Nothing else calls pyfuse3.init/close. Start-up problems become `MountError` with a one-line reason. Readiness
-is reported once the kernel mount exists and the loop is serving it: to systemd (`READY=1` on NOTIFY_SOCKET) and,
-when `modelfs mount` daemonized itself, to the waiting parent through a pipe.
+Nothing else calls pyfuse3.init/resume/close. Start-up problems become `MountError` with a one-line reason.
+Readiness is reported once the mount is being served: to the service manager or supervisor (`READY=1` on
+NOTIFY_SOCKET, after its descriptors were given to it: see `resume`) and, when `modelfs mount` daemonized
+itself, to the waiting parent through a pipe. SIGTERM, SIGINT and SIGHUP unmount; SIGUSR1 hands over.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from . import metrics
+from . import fdstore, fusedev, metrics
 from .config import Config
 from .fetcher import Fetcher
 from .fs import ModelFS
+from .fusermount import MountError, is_stale, unmount
+from .handover import (
+    DRAIN_SECONDS,
+    FUSE_NAME,
+    HANDOVER_EXIT,
+    STATE_PREFIX,
+    Holder,
+    TakeOver,
+    lifecycle,
+    remount,
+    standby,
+    take_over,
+)
 from .passthrough import Passthrough, PassthroughUnavailable
 from .resolver import Resolver
+from .resume import Recorder, Restored, saved_version
 from .router import Router
 from .shared import SharedDir
+from .state import Journal, Saved, StateError
 from .store import Store, StoreError
 
+__all__ = ["HANDOVER_EXIT", "MountError", "is_stale", "run", "unmount"]
+
 log = logging.getLogger(__name__)
-
-
-class MountError(Exception):
-    """The mount cannot start; the message is the one line an admin needs."""
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError as exc:
-        log.warning("cannot notify systemd: %s", exc)
-
-
-def is_stale(mountpoint: Path) -> bool:
-    """A mountpoint left behind by a dead FUSE daemon answers ENOTCONN (statfs: the kernel never caches it)."""
-    try:
-        os.statvfs(mountpoint)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
-
-
-def unmount(mountpoint: Path, lazy: bool = False) -> None:
-    """Unmount a FUSE mount (ours or a stale one); MountError with the tool's message on failure."""
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-u"] if tool else ["umount"]
-    if lazy:
-        command.append("-z" if tool else "-l")
-    result = subprocess.run([*command, str(mountpoint)], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        raise MountError(result.stderr.strip() or f"{' '.join(command)} failed")
 
 
 def check(config: Config, mountpoint: Path) -> None:
@@ -124,42 +102,128 @@ def options(config: Config) -> set[str]:
     return opts
 
 
-def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: None) -> None:
-    """Mount, serve until unmounted or signalled, then unmount. Blocks."""
-    check(config, mountpoint)
+@dataclass
+class Daemon:
+    """What the serving loop needs besides the filesystem."""
+
+    mountpoint: Path
+    config: Config
+    holder: Holder
+    passthrough: Passthrough
+    operations: ModelFS
+    shared: list[SharedDir]
+    router: Router | None
+    fetcher: Fetcher | None
+    ready: Callable[[], None]
+    restored: Restored | None = None
+    journal: Journal | None = None
+    restarts: int = 0
+    device: tuple[int, int] = (0, 0)  # of the kernel mount, recorded in the journal
+    handover: bool = False
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: None) -> int:
+    """Serve the mount until it is unmounted (returns 0) or handed over (returns HANDOVER_EXIT). Blocks."""
+    holder = Holder()
     store = Store(config.store)
     shared = [SharedDir(root, config.shared_timeout) for root in config.shared]
     router = Router(config) if config.router else None
-    started_ns = time.time_ns()
     fetcher = Fetcher(store, router, config.retries) if router else None
-    resolver = Resolver(config, store, shared, router, fetcher, started_ns)
+    resolver = Resolver(config, store, shared, router, fetcher)
     passthrough = Passthrough(config.passthrough)
     try:
         passthrough.check()
     except PassthroughUnavailable as exc:
         raise MountError(str(exc)) from None
     operations = ModelFS(resolver, passthrough)
+    daemon = Daemon(mountpoint, config, holder, passthrough, operations, shared, router, fetcher, ready)
+    standby()  # everything above is ready before a planned restart stops the old daemon
+    taken = take_over(mountpoint, holder)
+    if taken is None:
+        check(config, mountpoint)
+    else:
+        resolver.started_ns = taken.saved.started_ns  # the mount's start, which its directories' mtime shows
+    started_ns = resolver.started_ns
+    if taken is not None and not _resume(daemon, taken):
+        check(config, mountpoint)
+        taken = None
     server = start_metrics(config, resolver, shared)
-    try:
-        pyfuse3.init(operations, str(mountpoint), options(config))
-    except RuntimeError as exc:
-        if server is not None:
-            server.close()
-        raise MountError(f"cannot mount {mountpoint}: {exc}") from None
-    log.info("mounted %s: store %s, shared %s, routers %s", mountpoint, config.store,
-             ", ".join(map(str, config.shared)) or "none", ", ".join(config.router) or "none")
+    if taken is None:
+        try:
+            pyfuse3.init(operations, str(mountpoint), options(config))
+        except RuntimeError as exc:
+            if server is not None:
+                server.close()
+            raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+        if holder.present:
+            daemon.journal = Journal.create(1)
+            daemon.journal.append({"t": "mount", "mountpoint": str(mountpoint), "started_ns": started_ns})
+            _record(daemon, daemon.journal)
+        log.info("mounted %s: store %s, shared %s, routers %s", mountpoint, config.store,
+                 ", ".join(map(str, config.shared)) or "none", ", ".join(config.router) or "none")
     clean = False
     try:
-        trio.run(_serve, mountpoint, config.read_ahead_kb, shared, router, fetcher, passthrough, ready)
+        trio.run(_serve, daemon)
         clean = True
     except PassthroughUnavailable as exc:
         raise MountError(str(exc)) from None
     finally:
-        sd_notify("STOPPING=1")
-        pyfuse3.close(unmount=True)
+        _end(daemon, resumed=taken is not None, clean=clean)
         if server is not None:
             server.close()
-        log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
+    return HANDOVER_EXIT if daemon.handover else 0
+
+
+def _resume(daemon: Daemon, taken: TakeOver) -> bool:
+    """Serve the inherited connection: check the state, replay FUSE_INIT, restore the tables. False (after a
+    remount) when it cannot be."""
+    saved = taken.saved
+    operations = daemon.operations
+    resolver = operations.resolver
+    try:
+        restored = Restored(saved, resolver.store, daemon.shared, resolver, daemon.fetcher)
+        # The session owns (and at its end closes) a duplicate: ours stays ours to give up if this fails.
+        pyfuse3.resume(operations, os.dup(taken.fd), saved.init_request, saved.init_reply, options(daemon.config))
+    except (StateError, RuntimeError, ValueError) as exc:
+        remount(daemon.mountpoint, f"cannot resume: {exc}", taken.fd, (saved.generation, taken.state_fd),
+                daemon.holder)
+        return False
+    os.close(taken.fd)
+    versions, handles = restored.versions()
+    operations.inodes.restore(saved.dirs, versions, handles, saved.next_inode, saved.next_fh)
+    operations.restore_dir_handles({fh: saved.dirs.get(inode, "") for fh, inode in saved.dir_handles.items()},
+                                   saved.next_dir_fh)
+    daemon.restored = restored
+    daemon.restarts = saved.restarts + 1
+    daemon.device = saved.device
+    daemon.journal = Journal(taken.state_fd, saved.generation, saved.length)
+    recorder = _record(daemon, daemon.journal)
+    recorder.restarted(daemon.restarts)
+    log.info("resumed %s (restart %d): %d directories, %d file inodes, %d open files, %d directory handles",
+             daemon.mountpoint, daemon.restarts, len(saved.dirs), len(saved.versions), len(saved.handles),
+             len(saved.dir_handles))
+    return True
+
+
+def _record(daemon: Daemon, journal: Journal) -> Recorder:
+    """Journal everything the kernel learns from now on (see `resume.Recorder`)."""
+    operations = daemon.operations
+
+    def snapshot() -> Saved:
+        dirs, versions, handles, next_inode, next_fh = operations.inodes.tables()
+        dir_handles, next_dir_fh = operations.dir_handles()
+        init = pyfuse3.init_record()
+        assert init is not None  # journals are compacted only after FUSE_INIT
+        return Saved(generation=0, length=0, mountpoint=str(daemon.mountpoint),
+                     started_ns=operations.resolver.started_ns, init_request=init[0], init_reply=init[1],
+                     device=daemon.device, restarts=daemon.restarts, dirs={i: p for i, p in dirs.items() if p},
+                     versions={v.inode: saved_version(v) for v in versions}, handles=handles,
+                     dir_handles=dir_handles, next_inode=next_inode, next_fh=next_fh, next_dir_fh=next_dir_fh)
+
+    recorder = Recorder(journal, daemon.holder, snapshot)
+    operations.inodes.recorder = recorder
+    return recorder
 
 
 def start_metrics(config: Config, resolver: Resolver, shared: list[SharedDir]) -> metrics.MetricsServer | None:
@@ -178,36 +242,131 @@ def start_metrics(config: Config, resolver: Resolver, shared: list[SharedDir]) -
     return server
 
 
-async def _serve(mountpoint: Path, read_ahead_kb: int, shared: list[SharedDir], router: Router | None,
-                 fetcher: Fetcher | None, passthrough: Passthrough, ready: Callable[[], None]) -> None:
+async def _serve(daemon: Daemon) -> None:
     async with trio.open_nursery() as nursery:
-        if fetcher is not None:
-            await nursery.start(fetcher.run)
-        for directory in shared:
+        if daemon.fetcher is not None:
+            await nursery.start(daemon.fetcher.run)
+        for directory in daemon.shared:
             nursery.start_soon(directory.probe_forever)
-        nursery.start_soon(_stop_on_signal)
-        nursery.start_soon(_announce, mountpoint, read_ahead_kb, passthrough, ready)
-        await pyfuse3.main()
+        nursery.start_soon(_on_signals, daemon)
+        if daemon.restored is not None:
+            daemon.restored.resume_downloads()
+            _resend(daemon)
+        nursery.start_soon(_announce, daemon)
+        with daemon.scope:
+            await pyfuse3.main()
         nursery.cancel_scope.cancel()
-    if router is not None:
-        await router.aclose()
+    if daemon.router is not None:
+        await daemon.router.aclose()
 
 
-async def _announce(mountpoint: Path, read_ahead_kb: int, passthrough: Passthrough,
-                    ready: Callable[[], None]) -> None:
+def _resend(daemon: Daemon) -> None:
+    """Ask the kernel for the requests the previous daemon read but never answered (Linux >= 6.9)."""
+    saved = daemon.restored.saved if daemon.restored else None
+    if saved is None:
+        return
+    if not fusedev.kernel_resends(saved.init_request):
+        log.warning("this kernel cannot resend requests (FUSE_NOTIFY_RESEND needs Linux 6.9): calls the previous "
+                    "daemon had taken but not answered stay unanswered until their process is killed")
+        return
+    try:
+        fusedev.resend(pyfuse3.session_fd())
+    except OSError as exc:
+        log.warning("FUSE_NOTIFY_RESEND failed (%s): calls the previous daemon held stay unanswered", exc.strerror)
+
+
+async def _announce(daemon: Daemon) -> None:
     """Once the kernel has finished its handshake with us (a stat of the root is answered only after FUSE_INIT),
-    learn whether passthrough was granted, tune read-ahead (FUSE_INIT would reset it) and tell whoever waits
-    that the mount is live. `--passthrough on` without it ends the mount here, before anyone is told it is live."""
-    await trio.to_thread.run_sync(os.stat, mountpoint)
-    passthrough.require()
-    set_read_ahead(mountpoint, read_ahead_kb)
-    ready()
-    sd_notify("READY=1\nSTATUS=serving")
+    learn whether passthrough was granted, give the connection and its state to the holder, tune read-ahead
+    (FUSE_INIT would reset it) and tell whoever waits that the mount is live. `--passthrough on` without it ends
+    the mount here, before anyone is told it is live."""
+    mountpoint = daemon.mountpoint
+    pause = None
+    if daemon.restored is None:
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+    else:
+        since = os.environ.pop("MODELFSD_RESTART_FROM", "")
+        pause = (time.monotonic_ns() - int(since)) / 1e9 if since.isdigit() else None
+    daemon.passthrough.require()
+    init = pyfuse3.init_record()
+    if daemon.journal is not None and daemon.restored is None:
+        assert init is not None
+        daemon.device = fusedev.mount_device(mountpoint) or (0, 0)
+        daemon.journal.append({"t": "init", "req": init[0].hex(), "rep": init[1].hex(), "dev": list(daemon.device)})
+        daemon.holder.store(FUSE_NAME, pyfuse3.session_fd())
+        daemon.holder.store(f"{STATE_PREFIX}{daemon.journal.generation}", daemon.journal.fd)
+    daemon.operations.lifecycle = lifecycle(daemon.holder, daemon.restarts, pause, init)
+    set_read_ahead(mountpoint, daemon.config.read_ahead_kb)
+    daemon.ready()
+    fdstore.notify(f"READY=1\nSTATUS=serving (pid {os.getpid()}, restart {daemon.restarts})")
+    if pause is not None:
+        log.info("serving %s again %.3fs after the previous daemon ended", mountpoint, pause)
 
 
-async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("%s received; unmounting", signal.Signals(signum).name)
+async def _on_signals(daemon: Daemon) -> None:
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+    with trio.open_signal_receiver(*signals) as received:
+        async for signum in received:
+            if signum != signal.SIGUSR1:
+                log.info("%s received; unmounting", signal.Signals(signum).name)
+                pyfuse3.terminate()
+                return
+            if not daemon.holder.present:
+                log.warning("SIGUSR1 ignored: nothing holds this mount's connection (no supervisor or service "
+                            "manager), so a hand-over would unmount it")
+                continue
+            log.info("SIGUSR1 received: handing %s over to the next daemon", daemon.mountpoint)
+            daemon.handover = True
             pyfuse3.terminate()
+            init = pyfuse3.init_record()
+            if init is not None and fusedev.kernel_resends(init[0]):
+                # Requests in progress (a read waiting on a download, a shared directory) are left unanswered:
+                # the kernel sends them to the next daemon, so none of them holds the hand-over up.
+                daemon.scope.cancel()
+                return
+            await trio.sleep(DRAIN_SECONDS)  # no resend on this kernel: let them finish, up to a bound
+            log.warning("requests still in progress after %.0fs are cancelled; their callers get errors",
+                        DRAIN_SECONDS)
+            daemon.scope.cancel()
             return
+
+
+def _end(daemon: Daemon, resumed: bool, clean: bool) -> None:
+    """Unmount, or (hand-over) leave the mount to the holder's next daemon."""
+    mountpoint = daemon.mountpoint
+    if daemon.handover:
+        fdstore.notify("STOPPING=1\nSTATUS=handing over")
+        pyfuse3.close(unmount=False)
+        log.info("handed %s over (pid %d exits; the mount stays)", mountpoint, os.getpid())
+        return
+    fdstore.notify("STOPPING=1")
+    if resumed:  # libfuse knows no mountpoint for a session it did not mount
+        pyfuse3.close(unmount=False)
+        if fusedev.mount_device(mountpoint) is not None:
+            try:
+                unmount(mountpoint, lazy=True)
+            except MountError as exc:
+                log.warning("cannot unmount %s: %s", mountpoint, exc)
+    else:
+        pyfuse3.close(unmount=True)
+    log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
+
+
+def negotiation_difference(init_request: bytes, init_reply: bytes, passthrough: bool) -> str | None:
+    """How this modelfs would answer a mount's recorded FUSE_INIT differently (None: identically), so that
+    `modelfs restart` refuses a hand-over the new daemon could not make, before touching the mount."""
+
+    class Probe(pyfuse3.Operations):  # ModelFS's negotiating attributes, without its init()
+        supports_dot_lookup = ModelFS.supports_dot_lookup
+        enable_writeback_cache = ModelFS.enable_writeback_cache
+        enable_acl = ModelFS.enable_acl
+        max_background = ModelFS.max_background
+        enable_passthrough = passthrough
+
+        def init(self) -> None:
+            pass
+
+    reply = pyfuse3.replay_init(Probe(), init_request)
+    if reply == init_reply:
+        return None
+    return pyfuse3.init_difference(init_reply, reply)
