@@ -234,9 +234,11 @@ class Inodes:
             if self._current.get(version.path) is not version or reader.identity[2] != version.source.size:
                 raise self._stale(version)
             log.debug("%s: inode %d adopts %s", version.path, version.inode, reader.identity)
-        version.source = dataclasses.replace(version.source, identity=reader.identity, trusted=reader.trusted,
+        before = version.source
+        version.source = dataclasses.replace(before, identity=reader.identity, trusted=reader.trusted,
                                              mtime_ns=reader.identity[3])
-        self.recorder.version(version)
+        if version.source != before:
+            self.recorder.version(version)
         return proven
 
     @staticmethod

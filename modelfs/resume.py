@@ -60,28 +60,32 @@ class Recorder:
         self._append(saved_version(version).record())
 
     def dropped(self, inode: int) -> None:
-        self._append({"t": "drop", "i": inode})
+        self._append("drop", i=inode)
 
     def opened(self, fh: int, inode: int, backing_id: int) -> None:
-        self._append({"t": "open", "fh": fh, "i": inode, "b": backing_id})
+        self._append("open", fh=fh, i=inode, b=backing_id)
 
     def released(self, fh: int) -> None:
-        self._append({"t": "close", "fh": fh})
+        self._append("close", fh=fh)
 
     def dir_opened(self, fh: int, inode: int) -> None:
-        self._append({"t": "dopen", "fh": fh, "i": inode})
+        self._append("dopen", fh=fh, i=inode)
 
     def dir_released(self, fh: int) -> None:
-        self._append({"t": "dclose", "fh": fh})
+        self._append("dclose", fh=fh)
 
     def restarted(self, count: int) -> None:
-        self._append({"t": "restart", "count": count})
+        self._append("restart", count=count)
 
-    def _append(self, record: dict[str, object]) -> None:
+    def _append(self, kind: str | dict[str, object], **ints: int) -> None:
+        """Journal one record (a dict, or a kind and its integer fields); compact when it has grown."""
         if self.broken:
             return
         try:
-            self.journal.append(record)
+            if isinstance(kind, dict):
+                self.journal.append(kind)
+            else:
+                self.journal.append_ints(kind, **ints)
             if self.journal.length > self.limit:
                 self.compact()
         except OSError as exc:

@@ -575,3 +575,15 @@ def test_pause_figures(mount, dirs, readers):
         print(f"\n{how}: pause median {statistics.median(values):.3f}s, min {min(values):.3f}s, "
               f"max {max(values):.3f}s over {len(values)}")
         assert max(values) < 10
+
+
+def test_semantics_doc_names_the_restart_tests():
+    """docs/SEMANTICS.md's Restarts section cites a test for each case; each must exist here."""
+    import re
+
+    doc = (Path(__file__).parent.parent / "docs" / "SEMANTICS.md").read_text()
+    section = doc.split("## Restarts: what a new daemon serves", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_\w+)`", section))
+    source = Path(__file__).read_text()
+    assert len(named) >= 8
+    assert not [name for name in named if f"def {name}(" not in source]

@@ -45,6 +45,14 @@ def test_a_journal_replays_into_the_tables_it_recorded():
     assert saved.length == journal.length == os.fstat(journal.fd).st_size
 
 
+def test_integer_records_written_fast_read_the_same():
+    journal = journal_with(version(3))
+    journal.append_ints("open", fh=7, i=3, b=11)
+    journal.append_ints("dopen", fh=2, i=1)
+    saved = state.load(journal.fd)
+    assert saved.handles == {7: (3, 11)} and saved.dir_handles == {2: 1} and saved.next_fh == 8
+
+
 def test_a_compacted_journal_says_the_same():
     saved = state.load(journal_with({"t": "dir", "i": 2, "p": "org"}, version(7),
                                     {"t": "open", "fh": 4, "i": 7, "b": 0}).fd)
