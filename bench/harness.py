@@ -219,7 +219,9 @@ class Modelfs:
             cmd = [PYTHON, "-m", "modelfs"]
         self.log = log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen([*cmd, "mount", str(mnt), "--store", str(store), "--foreground", *args],
+            # --no-supervisor: this process is the serving daemon (its CPU, RSS, levers and profile are measured).
+            self.proc = subprocess.Popen([*cmd, "mount", str(mnt), "--store", str(store), "--foreground",
+                                          "--no-supervisor", *args],
                                          stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env,
                                          cwd=code or ROOT)
         self._cleanup = janitor.push(f"mount {mnt}", self._stop)
