@@ -410,6 +410,17 @@ def test_restart_refuses_a_mount_nothing_holds(mount, dirs):
     assert is_mounted(str(m.path))
 
 
+def test_the_daemon_gets_the_router_key_by_environment_never_by_command_line(mount, router):
+    r = router(token="s3cret-key")
+    write_model(r.models_dir, "private", data := gguf_bytes(MB))
+    m = mount("--router", r.url, "--router-token", "s3cret-key", "--shared-timeout", "3")
+    assert m.model("private").read_bytes() == data
+    daemon = status(m.path)["pid"]
+    cmdline = Path(f"/proc/{daemon}/cmdline").read_bytes().split(b"\0")
+    assert b"s3cret-key" not in b" ".join(cmdline) and b"--shared-timeout" in cmdline  # the other flags are kept
+    assert b"MODELFS_ROUTER_TOKEN=s3cret-key" in Path(f"/proc/{daemon}/environ").read_bytes()
+
+
 def test_killing_the_supervisor_leaves_a_stale_mount_as_before(mount, dirs):
     m = mount()
     daemon = status(m.path)["pid"]
