@@ -8,7 +8,6 @@ when `modelfs mount` daemonized itself, to the waiting parent through a pipe.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import shutil
@@ -16,17 +15,20 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pyfuse3
 import trio
 
 from . import metrics
+from .catalog import Catalog
 from .config import Config
 from .fetcher import Fetcher
 from .fs import ModelFS
+from .opener import Opener
 from .passthrough import Passthrough, PassthroughUnavailable
+from .quota import Quota
 from .resolver import Resolver
 from .router import Router
 from .shared import SharedDir
@@ -132,14 +134,18 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
     router = Router(config) if config.router else None
     started_ns = time.time_ns()
     fetcher = Fetcher(store, router, config.retries) if router else None
-    resolver = Resolver(config, store, shared, router, fetcher, started_ns)
+    # A listing waits for the sizes of models listed without one at most as long as one metadata request may take.
+    catalog = Catalog(router, config.router_list_ttl, config.negative_cache_ttl,
+                      min(config.read_timeout, 5.0)) if router else None
+    quota = Quota(store, config.store_max_size, fetcher)
+    resolver = Resolver(config, store, shared, catalog, fetcher, started_ns)
     passthrough = Passthrough(config.passthrough)
     try:
         passthrough.check()
     except PassthroughUnavailable as exc:
         raise MountError(str(exc)) from None
-    operations = ModelFS(resolver, passthrough)
-    server = start_metrics(config, resolver, shared)
+    operations = ModelFS(resolver, Opener(resolver, quota, config.drop_backing_cache), passthrough)
+    server = start_metrics(config, shared)
     try:
         pyfuse3.init(operations, str(mountpoint), options(config))
     except RuntimeError as exc:
@@ -150,7 +156,8 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
              ", ".join(map(str, config.shared)) or "none", ", ".join(config.router) or "none")
     clean = False
     try:
-        trio.run(_serve, mountpoint, config.read_ahead_kb, shared, router, fetcher, passthrough, ready)
+        services: list[Callable[..., Awaitable[None]]] = [s.run for s in (fetcher, catalog, quota) if s is not None]
+        trio.run(_serve, mountpoint, config.read_ahead_kb, shared, router, services, passthrough, ready)
         clean = True
     except PassthroughUnavailable as exc:
         raise MountError(str(exc)) from None
@@ -162,10 +169,9 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
         log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
 
 
-def start_metrics(config: Config, resolver: Resolver, shared: list[SharedDir]) -> metrics.MetricsServer | None:
+def start_metrics(config: Config, shared: list[SharedDir]) -> metrics.MetricsServer | None:
     """The Prometheus endpoint (`--metrics`), before the mount exists: a port in use is a start-up error."""
-    metrics.init_labels([(str(d.root), functools.partial(getattr, d, "available")) for d in shared],
-                        resolver.store_usage, config.store_max_size)
+    metrics.init_labels([str(d.root) for d in shared], config.store_max_size)
     if config.metrics is None:
         return None
     host, port = config.metrics
@@ -179,10 +185,13 @@ def start_metrics(config: Config, resolver: Resolver, shared: list[SharedDir]) -
 
 
 async def _serve(mountpoint: Path, read_ahead_kb: int, shared: list[SharedDir], router: Router | None,
-                 fetcher: Fetcher | None, passthrough: Passthrough, ready: Callable[[], None]) -> None:
+                 services: list[Callable[..., Awaitable[None]]], passthrough: Passthrough,
+                 ready: Callable[[], None]) -> None:
+    """Serve until unmounted; the background services (downloads, the routers' list, the store count) live in
+    this nursery, so they stop before the router client closes."""
     async with trio.open_nursery() as nursery:
-        if fetcher is not None:
-            await nursery.start(fetcher.run)
+        for service in services:
+            await nursery.start(service)
         for directory in shared:
             nursery.start_soon(directory.probe_forever)
         nursery.start_soon(_stop_on_signal)
