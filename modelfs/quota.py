@@ -41,7 +41,7 @@ class Quota:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Count the store once, in a worker thread; then hand the usage to the metrics every PUBLISH_EVERY."""
         task_status.started()
-        self._resting = await trio.to_thread.run_sync(self.store.usage)
+        self._resting = await trio.to_thread.run_sync(self.store.usage, abandon_on_cancel=True)  # only reads
         self._counted.set()
         while True:
             metrics.STORE_BYTES.set(self.usage())

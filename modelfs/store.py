@@ -54,9 +54,6 @@ class Store:
     def is_dir(self, prefix: str) -> bool:
         return layout.is_dir(self.root, prefix)
 
-    def walk(self) -> dict[str, layout.Found]:
-        return layout.walk(self.root)
-
     def read_level(self, prefix: str) -> layout.Level:
         return layout.read_level(self.root, prefix)
 

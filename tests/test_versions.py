@@ -100,7 +100,7 @@ def test_same_identity_is_the_same_inode_and_any_change_a_new_one():
     assert table.entry("org/m.gguf", source(A)) is first
     assert table.entry("org/m.gguf", source(A_LATER)).inode != first.inode  # rewritten in place
     changed = table.entry("org/m.gguf", source(B_SAME_SIZE))
-    assert changed.inode not in (first.inode,) and table.version(first.inode) is None  # unused: forgotten
+    assert changed.inode != first.inode and table.version(first.inode) is None  # unused: forgotten
 
 
 def test_a_router_model_without_a_file_is_the_same_version_while_its_size_is():
