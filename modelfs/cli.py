@@ -198,7 +198,7 @@ def _daemonize(args: argparse.Namespace, config: Config, mountpoint: Path, log_f
     if pid == 0:  # the supervisor
         os.close(read_end)
         os.setsid()
-        os.chdir("/")
+        os.chdir("/")  # never pin the directory `modelfs mount` was started from (every path is absolute by now)
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(log_fd, 1)

@@ -228,7 +228,7 @@ def from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(MODELFS_* settings, llmlb fallback settings) from the environment."""
     ours: dict[str, Any] = {}
     for name, value in env.items():
-        if name.startswith("MODELFS_") and name not in ("MODELFS_CONFIG",):
+        if name.startswith("MODELFS_") and name != "MODELFS_CONFIG" and not name.startswith("MODELFS_TEST_"):
             key = name[len("MODELFS_") :].lower()
             if key not in _PARSERS:
                 # A service's environment is not all its own (wrappers set MODELFS_PID and the like): say so, go on.

@@ -271,7 +271,7 @@ class Fetcher:
         self.streams = max(1, router.download_streams)
         self.part_size = max(WRITE_CHUNK, router.download_part_size)
         self.downloads: dict[str, Download] = {}
-        self.failures: dict[str, str] = {}  # the last failure of each model, for status; cleared on success
+        self.failures: dict[str, Failure] = {}  # the last failure of each model, for status; cleared on success
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -330,7 +330,7 @@ class Fetcher:
             if self.downloads.get(download.name) is download:  # an open after its failure may have a new one
                 del self.downloads[download.name]
             if download.error is not None:
-                self.failures[download.name] = str(download.error)
+                self.failures[download.name] = download.error
             if finished:
                 os.close(download.fd)  # readers hold their own dup()s
             elif not download.done:

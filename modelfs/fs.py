@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import logging
 import os
 import stat
@@ -18,11 +17,13 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from . import __version__, metrics, names
+from . import metrics, names
 from .errors import Failure
 from .inodes import Inodes, Version
+from .opener import Opener
 from .passthrough import Passthrough, file_info
-from .resolver import ROUTER, Resolver, Source
+from .resolver import Resolver, Source
+from .snapshot import Producer, Status
 
 log = logging.getLogger(__name__)
 
@@ -78,26 +79,26 @@ class ModelFS(pyfuse3.Operations):
     enable_acl = False
     max_background = MAX_BACKGROUND
 
-    def __init__(self, resolver: Resolver, passthrough: Passthrough | None = None) -> None:
+    def __init__(self, resolver: Resolver, opener: Opener, passthrough: Passthrough | None = None) -> None:
         super().__init__()
         self.resolver = resolver
         self.passthrough = passthrough or Passthrough("off")
         self.enable_passthrough = self.passthrough.wanted  # read by the patched pyfuse3's FUSE_INIT handler
-        self.inodes = Inodes(resolver, self.passthrough)
+        self.inodes = Inodes(resolver, opener, self.passthrough)
+        self.status = Status(resolver, opener.quota, self.passthrough, self.inodes)
         # Directory handles: the listing taken at opendir (None: a handle from before a restart, listed again).
         self._dirs: dict[int, tuple[str, list[tuple[str, Source | None]] | None]] = {}
         self._next_fh = 1
-        #: The serving process and its restarts, for status (see `resume.lifecycle`).
-        self.lifecycle: dict[str, object] = {}
         self.uid = os.getuid()
         self.gid = os.getgid()
 
     def init(self) -> None:
         """Called in the FUSE_INIT handler, after the capabilities are negotiated and before any request."""
         self.passthrough.settle()
-        dirops: Any = getattr(pyfuse3, "parallel_dirops_granted", None)
+        dirops: Any = getattr(pyfuse3, "parallel_dirops_granted", None)  # True: offered by the kernel, requested
         if dirops is not None:
-            log.info("parallel directory operations %s", "granted" if dirops() else "not offered by the kernel")
+            log.info("parallel directory operations %s",
+                     "requested" if dirops() else "not requested (the kernel did not offer them)")
 
     # Inodes and attributes.
 
@@ -256,61 +257,26 @@ class ModelFS(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         await self.inodes.release(fh)
 
-    # Extended attributes: what modelfs did, for `getfattr` and `modelfs status`.
+    # Extended attributes: what modelfs did, for `getfattr` and `modelfs status` (see snapshot).
 
-    def status(self) -> dict[str, object]:
-        """The daemon's state, for the root's xattrs and `modelfs status`."""
-        return {"version": __version__, **self.lifecycle, **self.resolver.status(),
-                "passthrough": {"mode": self.passthrough.mode, "active": self.passthrough.active,
-                                "reason": self.passthrough.reason},
-                "inodes": self.inodes.counts()}
-
-    async def _xattrs(self, inode: int) -> dict[str, bytes]:
+    def _xattrs(self, inode: int) -> dict[str, Producer]:
         version = self.inodes.version(inode)
         if version is None:
-            path = self._dir_path(inode)
-            entries = {"user.modelfs.entries": json.dumps(await self.resolver.describe_dir(path)).encode()}
-            if path:
-                return entries
-            status = self.status()
-            store = status["store"]
-            assert isinstance(store, dict)
-            return {"user.modelfs.version": __version__.encode(),
-                    "user.modelfs.store_usage": str(store["usage_bytes"]).encode(),
-                    "user.modelfs.shared": json.dumps(status["shared"]).encode(),
-                    "user.modelfs.routers": json.dumps(status["routers"]).encode(),
-                    "user.modelfs.passthrough": json.dumps(status["passthrough"]).encode(),
-                    "user.modelfs.status": json.dumps(status).encode(), **entries}
-        # What this inode serves: the file its handles read, else its file as found now (a finished download is
-        # in the store by now), else what lookup saw.
-        file = version.file
-        if file is not None:
-            kind, path = file.reader.source, file.reader.path
-        else:
-            source = version.source
-            try:
-                now = await self.resolver.resolve(version.name)
-                source = now if version.same_file(now) else source
-            except Failure:
-                pass
-            kind, path = source.kind, str(source.path)
-        io = file.io if file else ("passthrough" if self.passthrough.active and kind != ROUTER else "daemon")
-        return {"user.modelfs.source": kind.encode(), "user.modelfs.path": str(path).encode(),
-                "user.modelfs.io": io.encode(),
-                "user.modelfs.progress": (await self.resolver.progress(version.name)).encode()}
+            return self.status.directory_xattrs(self._dir_path(inode))
+        return self.status.file_xattrs(version)
 
     @translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not name.startswith(b"user.modelfs."):  # `ls -l` asks every entry for ACLs and labels: answer at once
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        value = (await self._xattrs(inode)).get(name.decode(errors="replace"))
-        if value is None:
+        producer = self._xattrs(inode).get(name.decode(errors="replace"))
+        if producer is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return value
+        return await producer()
 
     @translated
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [key.encode() for key in await self._xattrs(inode)]
+        return [key.encode() for key in self._xattrs(inode)]
 
     @translated
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

@@ -29,6 +29,7 @@ import trio
 
 from . import metrics
 from .errors import Failure
+from .opener import Opener
 from .passthrough import Passthrough
 from .readers import Reader
 from .resolver import Resolver, Source
@@ -46,11 +47,15 @@ class OpenFile:
 
     reader: Reader
     backing_id: int = 0  # registered with the kernel for passthrough; 0: the daemon serves reads
+    fallback: str = ""  # why the daemon serves it although passthrough is active ("" if by design)
     handles: int = 0
 
     @property
     def io(self) -> str:
-        return "passthrough" if self.backing_id else "daemon"
+        """What `user.modelfs.io` says: `passthrough`, `daemon`, or `daemon (why)` for a fallback."""
+        if self.backing_id:
+            return "passthrough"
+        return f"daemon ({self.fallback})" if self.fallback else "daemon"
 
 
 @dataclass(eq=False, slots=True)
@@ -119,8 +124,9 @@ class NoRecorder:
 class Inodes:
     """Inode numbers (never reused while mounted), lookup counts, and the open file behind each version."""
 
-    def __init__(self, resolver: Resolver, passthrough: Passthrough) -> None:
+    def __init__(self, resolver: Resolver, opener: Opener, passthrough: Passthrough) -> None:
         self.resolver = resolver
+        self.opener = opener
         self.passthrough = passthrough
         self.recorder: Recorder = NoRecorder()
         self._dirs: dict[str, int] = {"": pyfuse3.ROOT_INODE}
@@ -189,6 +195,18 @@ class Inodes:
                 "open_files": sum(1 for v in self._versions.values() if v.file is not None),
                 "handles": len(self._handles)}
 
+    def open_counts(self) -> dict[str, int]:
+        """Open handles per model (over all its versions), for status."""
+        counts: dict[str, int] = {}
+        for version in self._versions.values():
+            if version.file is not None:
+                counts[version.name] = counts.get(version.name, 0) + version.file.handles
+        return counts
+
+    def open_names(self) -> set[str]:
+        """Models with open files: never evicted from the store."""
+        return {version.name for version in self._versions.values() if version.file is not None}
+
     # Open files.
 
     async def open(self, version: Version) -> tuple[int, OpenFile, bool]:
@@ -201,12 +219,12 @@ class Inodes:
                     raise self._stale(version)
                 keep_cache = True
             else:
-                reader = await self.resolver.open(version.name)
+                reader = await self.opener.open(version.name, self.open_names)
                 try:
                     keep_cache = self._adopt(version, reader)
-                    file = OpenFile(reader, await self.passthrough.register(reader))
+                    file = OpenFile(reader, *await self.passthrough.register(reader))
                 except BaseException:
-                    await self.resolver.close(version.name, reader)
+                    await reader.close()
                     raise
                 version.file = file
                 if file.backing_id:
@@ -231,12 +249,12 @@ class Inodes:
         """
         proven = version.source.trusted and version.source.identity == reader.identity
         if reader.identity != version.source.identity:
-            if self._current.get(version.path) is not version or reader.identity[2] != version.source.size:
+            if self._current.get(version.path) is not version or reader.identity.size != version.source.size:
                 raise self._stale(version)
             log.debug("%s: inode %d adopts %s", version.path, version.inode, reader.identity)
         before = version.source
         version.source = dataclasses.replace(before, identity=reader.identity, trusted=reader.trusted,
-                                             mtime_ns=reader.identity[3])
+                                             mtime_ns=reader.identity.mtime_ns)
         if version.source != before:
             self.recorder.version(version)
         return proven
@@ -265,7 +283,7 @@ class Inodes:
             if file.backing_id:
                 self.passthrough.unregister(file.backing_id)
             try:
-                await self.resolver.close(version.name, file.reader)
+                await file.reader.close()
             finally:
                 self.recorder.released(fh)  # before the drop: a journal never drops an inode with handles
                 self._drop_if_unused(version)

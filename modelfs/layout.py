@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import names
+from .identity import Identity
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,8 @@ class Found:
     st: os.stat_result
 
     @property
-    def identity(self) -> tuple[int, int, int, int]:
-        """What must stay equal for cached pages of this file to be still valid."""
-        return (self.st.st_dev, self.st.st_ino, self.st.st_size, self.st.st_mtime_ns)
+    def identity(self) -> Identity:
+        return Identity.of(self.st)
 
 
 def locate(root: Path, name: str) -> Found | None:

@@ -4,14 +4,15 @@ Modules import the metric objects from here and only ever `inc`/`observe`/`set` 
 label sets live in this one file, so they stay consistent with the Prometheus conventions (`modelfs_` prefix,
 base units, `_total` counters, labels from small fixed sets, never a model name). The registry is our own, not
 prometheus_client's global one, so nothing else in the process (or a second daemon in a test) mixes in. The
-server (`--metrics HOST:PORT`) is prometheus_client's, in a daemon thread: a scrape never touches the trio loop.
+server (`--metrics HOST:PORT`) is prometheus_client's, in a daemon thread: a scrape reads only these metric objects
+(thread-safe), never the daemon's own state. Gauges are set by the code that owns their value, when it changes
+(shared-directory health) or every second (store usage, see `quota`): no gauge calls back into the daemon.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -22,6 +23,9 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 FAILURE_REASONS = ("not_found", "store_full", "corrupt", "unmount", "error")
 #: Labels of `modelfs_router_requests_total{status}`: status classes, or what went wrong before any status.
 ROUTER_STATUSES = ("2xx", "3xx", "4xx", "5xx", "timeout", "error")
+#: Labels of `modelfs_passthrough_fallbacks_total{cause}`: why an open took the daemon path although passthrough is
+#: active. The errno names are what the kernel's FUSE_DEV_IOC_BACKING_OPEN (or the program's limits) can return.
+FALLBACK_CAUSES = ("no_shared_mmap", "EOPNOTSUPP", "ELOOP", "EPERM", "EMFILE", "ENFILE", "ENOMEM", "ENOSPC", "other")
 
 OPENS = Counter("modelfs_opens_total", "Files opened through the mount, by the source that served them.",
                 ["source"], registry=REGISTRY)
@@ -32,6 +36,9 @@ DAEMON_READ_BYTES = Counter("modelfs_daemon_read_bytes_total",
 PASSTHROUGH_OPENS = Counter("modelfs_passthrough_opens_total",
                             "Opens served by FUSE passthrough: the kernel reads the backing file itself.",
                             registry=REGISTRY)
+PASSTHROUGH_FALLBACKS = Counter("modelfs_passthrough_fallbacks_total",
+                                "Opens of complete files served by the daemon path although passthrough is active, "
+                                "by cause.", ["cause"], registry=REGISTRY)
 DOWNLOADS_STARTED = Counter("modelfs_downloads_started_total", "Downloads from a router started.",
                             registry=REGISTRY)
 DOWNLOADS_COMPLETED = Counter("modelfs_downloads_completed_total",
@@ -95,23 +102,26 @@ def router_status(status: str) -> str:
     return "error"
 
 
-def init_labels(shared: list[tuple[str, Callable[[], bool]]], store_bytes: Callable[[], float],
-                quota: int | None) -> None:
+def fallback_cause(err: int | None) -> str:
+    """The `cause` label of a passthrough fallback: the errno's name, or `no_shared_mmap` (err None)."""
+    if err is None:
+        return "no_shared_mmap"
+    name = errno.errorcode.get(err, "")
+    return name if name in FALLBACK_CAUSES else "other"
+
+
+def init_labels(shared: list[str], quota: int | None) -> None:
     """Make every labelled series exist from the start (a counter that never moved still shows 0, so alerts on
-    `rate()` and `increase()` work), and wire the gauges that are read at scrape time."""
+    `rate()` and `increase()` work)."""
     for source in ("local", "shared", "router"):
         OPENS.labels(source=source)
     for reason in FAILURE_REASONS:
         DOWNLOADS_FAILED.labels(reason=reason)
-    for directory, available in shared:
-        SHARED_AVAILABLE.labels(dir=directory).set_function(_as_float(available))
+    for cause in FALLBACK_CAUSES:
+        PASSTHROUGH_FALLBACKS.labels(cause=cause)
+    for directory in shared:
         SHARED_OUTAGES.labels(dir=directory)
-    STORE_BYTES.set_function(store_bytes)
     STORE_QUOTA_BYTES.set(quota or 0)
-
-
-def _as_float(predicate: Callable[[], bool]) -> Callable[[], float]:
-    return lambda: float(predicate())
 
 
 class MetricsServer:

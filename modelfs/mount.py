@@ -9,12 +9,11 @@ itself, to the waiting parent through a pipe. SIGTERM, SIGINT and SIGHUP unmount
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pyfuse3
 import trio
 
 from . import fdstore, fusedev, metrics
+from .catalog import Catalog
 from .config import Config
 from .fetcher import Fetcher
 from .fs import ModelFS
@@ -38,7 +38,9 @@ from .handover import (
     standby,
     take_over,
 )
+from .opener import Opener
 from .passthrough import Passthrough, PassthroughUnavailable
+from .quota import Quota
 from .resolver import Resolver
 from .resume import Recorder, Restored, saved_version
 from .router import Router
@@ -114,6 +116,7 @@ class Daemon:
     shared: list[SharedDir]
     router: Router | None
     fetcher: Fetcher | None
+    services: list[Callable[..., Awaitable[None]]]  # downloads, the routers' list, the store count
     ready: Callable[[], None]
     restored: Restored | None = None
     journal: Journal | None = None
@@ -130,14 +133,20 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
     shared = [SharedDir(root, config.shared_timeout) for root in config.shared]
     router = Router(config) if config.router else None
     fetcher = Fetcher(store, router, config.retries) if router else None
-    resolver = Resolver(config, store, shared, router, fetcher)
+    # A listing waits for the sizes of models listed without one at most as long as one metadata request may take.
+    catalog = Catalog(router, config.router_list_ttl, config.negative_cache_ttl,
+                      min(config.read_timeout, 5.0)) if router else None
+    quota = Quota(store, config.store_max_size, fetcher)
+    resolver = Resolver(config, store, shared, catalog, fetcher)
     passthrough = Passthrough(config.passthrough)
     try:
         passthrough.check()
     except PassthroughUnavailable as exc:
         raise MountError(str(exc)) from None
-    operations = ModelFS(resolver, passthrough)
-    daemon = Daemon(mountpoint, config, holder, passthrough, operations, shared, router, fetcher, ready)
+    operations = ModelFS(resolver, Opener(resolver, quota, config.drop_backing_cache), passthrough)
+    services: list[Callable[..., Awaitable[None]]] = [s.run for s in (fetcher, catalog, quota) if s is not None]
+    operations.status.lifecycle = lifecycle(holder, 0, None, None)  # completed once the mount is served
+    daemon = Daemon(mountpoint, config, holder, passthrough, operations, shared, router, fetcher, services, ready)
     standby()  # everything above is ready before a planned restart stops the old daemon
     taken = take_over(mountpoint, holder)
     if taken is None:
@@ -148,7 +157,7 @@ def run(config: Config, mountpoint: Path, ready: Callable[[], None] = lambda: No
     if taken is not None and not _resume(daemon, taken):
         check(config, mountpoint)
         taken = None
-    server = start_metrics(config, resolver, shared)
+    server = start_metrics(config, shared)
     if taken is None:
         try:
             pyfuse3.init(operations, str(mountpoint), options(config))
@@ -182,7 +191,7 @@ def _resume(daemon: Daemon, taken: TakeOver) -> bool:
     operations = daemon.operations
     resolver = operations.resolver
     try:
-        restored = Restored(saved, resolver.store, daemon.shared, resolver, daemon.fetcher)
+        restored = Restored(saved, resolver.store, daemon.shared, daemon.fetcher, daemon.config.drop_backing_cache)
         # The session owns (and at its end closes) a duplicate: ours stays ours to give up if this fails.
         pyfuse3.resume(operations, os.dup(taken.fd), saved.init_request, saved.init_reply, options(daemon.config))
     except (StateError, RuntimeError, ValueError) as exc:
@@ -197,6 +206,7 @@ def _resume(daemon: Daemon, taken: TakeOver) -> bool:
     daemon.restored = restored
     daemon.restarts = saved.restarts + 1
     daemon.device = saved.device
+    operations.status.lifecycle = lifecycle(daemon.holder, daemon.restarts, None, None)
     daemon.journal = Journal(taken.state_fd, saved.generation, saved.length)
     recorder = _record(daemon, daemon.journal)
     recorder.restarted(daemon.restarts)
@@ -226,10 +236,9 @@ def _record(daemon: Daemon, journal: Journal) -> Recorder:
     return recorder
 
 
-def start_metrics(config: Config, resolver: Resolver, shared: list[SharedDir]) -> metrics.MetricsServer | None:
+def start_metrics(config: Config, shared: list[SharedDir]) -> metrics.MetricsServer | None:
     """The Prometheus endpoint (`--metrics`), before the mount exists: a port in use is a start-up error."""
-    metrics.init_labels([(str(d.root), functools.partial(getattr, d, "available")) for d in shared],
-                        resolver.store_usage, config.store_max_size)
+    metrics.init_labels([str(d.root) for d in shared], config.store_max_size)
     if config.metrics is None:
         return None
     host, port = config.metrics
@@ -243,9 +252,11 @@ def start_metrics(config: Config, resolver: Resolver, shared: list[SharedDir]) -
 
 
 async def _serve(daemon: Daemon) -> None:
+    """Serve until unmounted or handed over; the background services live in this nursery, so they stop before
+    the router client closes."""
     async with trio.open_nursery() as nursery:
-        if daemon.fetcher is not None:
-            await nursery.start(daemon.fetcher.run)
+        for service in daemon.services:
+            await nursery.start(service)
         for directory in daemon.shared:
             nursery.start_soon(directory.probe_forever)
         nursery.start_soon(_on_signals, daemon)
@@ -295,7 +306,7 @@ async def _announce(daemon: Daemon) -> None:
         daemon.journal.append({"t": "init", "req": init[0].hex(), "rep": init[1].hex(), "dev": list(daemon.device)})
         daemon.holder.store(FUSE_NAME, pyfuse3.session_fd())
         daemon.holder.store(f"{STATE_PREFIX}{daemon.journal.generation}", daemon.journal.fd)
-    daemon.operations.lifecycle = lifecycle(daemon.holder, daemon.restarts, pause, init)
+    daemon.operations.status.lifecycle = lifecycle(daemon.holder, daemon.restarts, pause, init)
     set_read_ahead(mountpoint, daemon.config.read_ahead_kb)
     daemon.ready()
     fdstore.notify(f"READY=1\nSTATUS=serving (pid {os.getpid()}, restart {daemon.restarts})")

@@ -5,6 +5,11 @@ backing file with the kernel, and which backing filesystems can serve a passthro
 It needs a kernel that offers it (Linux >= 6.9), CAP_SYS_ADMIN, libfuse >= 3.17.1 and a pyfuse3 with the
 project's patch (patches/pyfuse3), which adds `FileInfo.backing_id`, `Operations.enable_passthrough`,
 `passthrough_granted()` and `session_fd()`. Which backing file each inode uses is `inodes`' business.
+
+When the kernel refuses one file, only a cause that is about its filesystem (it cannot map files shared, or
+refuses them as backing files: ELOOP, EOPNOTSUPP, EPERM) sends that filesystem's files to the daemon path for the
+rest of the mount; any other (ENOMEM, EMFILE...) only that open. Each fallback is logged, counted by cause and
+shown by `user.modelfs.io`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import pyfuse3
 
+from . import metrics
 from .readers import Reader
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,13 @@ def _iow(kind: int, number: int, size: int) -> int:
 BACKING_OPEN = _iow(229, 1, 16)
 #: uint32_t backing id.
 BACKING_CLOSE = _iow(229, 2, 4)
+
+#: BACKING_OPEN errors that are about the backing filesystem (or the whole connection), not one file: its files
+#: take the daemon path for the rest of the mount. ELOOP: filesystems stacked too deep; EPERM: the connection
+#: refuses backing files.
+FILESYSTEM_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ELOOP, errno.EPERM})
+#: Fault injection for tests: BACKING_OPEN fails with these errno names, one per call, before it is really issued.
+TEST_ERRNOS_VARIABLE = "MODELFS_TEST_BACKING_OPEN_ERRNOS"
 
 
 class PassthroughUnavailable(Exception):
@@ -79,6 +92,9 @@ class Passthrough:
         self.reason = self._obstacle() or "waiting for the kernel's FUSE_INIT"
         self._fd = -1
         self._mmap_ok: dict[int, bool] = {}  # by st_dev: whether the backing filesystem serves a shared mmap
+        self._refused: dict[int, tuple[str, int | None]] = {}  # by st_dev: why its files take the daemon path, errno
+        self._faults = [getattr(errno, name.strip()) for name in os.environ.get(TEST_ERRNOS_VARIABLE, "").split(",")
+                        if name.strip()]
 
     def _obstacle(self) -> str | None:
         if self.mode == "off":
@@ -117,28 +133,53 @@ class Passthrough:
         if self.mode == "on" and not self.active:
             raise PassthroughUnavailable(f"passthrough is on but unavailable: {self.reason}")
 
-    async def register(self, reader: Reader) -> int:
-        """A backing id for the reader's file, or 0 to serve it by the daemon path."""
+    async def register(self, reader: Reader) -> tuple[int, str]:
+        """(backing id, "") for the reader's file, or (0, why not) when the daemon serves it although passthrough
+        is active; (0, "") when the daemon serves it by design (passthrough off, a download in progress)."""
         if not self.active or not reader.complete:
-            return 0
-        dev = reader.identity[0]
+            return 0, ""
+        dev = reader.identity.dev
         ok = self._mmap_ok.get(dev)
         if ok is None:
-            ok = self._mmap_ok[dev] = await reader.call(_serves_shared_mmap, reader.fd, reader.identity[2])
+            ok = self._mmap_ok[dev] = await reader.call(_serves_shared_mmap, reader.fd, reader.identity.size)
             if not ok:
-                log.info("%s: its filesystem cannot map files shared (e.g. sshfs -o direct_io); files there use "
-                         "the daemon read path", reader.path)
-        if not ok:
-            return 0
+                self._refused[dev] = ("filesystem cannot map files shared", None)
+                log.warning("%s: its filesystem cannot map files shared (e.g. sshfs -o direct_io); files there use "
+                            "the daemon read path", reader.path)
+        refused = self._refused.get(dev)
+        if refused is not None:
+            metrics.PASSTHROUGH_FALLBACKS.labels(cause=metrics.fallback_cause(refused[1])).inc()
+            return 0, refused[0]
         buf = bytearray(struct.pack("iIQ", reader.fd, 0, 0))
         try:
+            if self._faults:
+                err = self._faults.pop(0)
+                raise OSError(err, os.strerror(err))
             backing_id = fcntl.ioctl(self._fd, BACKING_OPEN, buf, True)  # mutable buffer: returns the id
         except OSError as exc:
-            log.info("%s: the kernel refused it as a passthrough backing file (%s); daemon read path for its "
-                     "filesystem", reader.path, os.strerror(exc.errno or errno.EIO))
-            self._mmap_ok[dev] = False
-            return 0
-        return int(backing_id)
+            return 0, self._refuse(reader, dev, exc.errno or errno.EIO)
+        return int(backing_id), ""
+
+    def _refuse(self, reader: Reader, dev: int, err: int) -> str:
+        name = errno.errorcode.get(err, str(err))
+        if err in FILESYSTEM_ERRNOS:
+            why = f"backing files refused: {name}"
+            self._refused[dev] = (why, err)
+            log.warning("%s: the kernel refuses files of its filesystem as passthrough backing files (%s); the "
+                        "daemon serves every file there for the rest of the mount", reader.path, os.strerror(err))
+        else:
+            why = f"backing open failed: {name}"
+            log.warning("%s: the kernel refused it as a passthrough backing file (%s); the daemon serves this open "
+                        "file, passthrough stays on for the others", reader.path, os.strerror(err))
+        metrics.PASSTHROUGH_FALLBACKS.labels(cause=metrics.fallback_cause(err)).inc()
+        return why
+
+    def expected_io(self, dev: int | None, complete: bool) -> str:
+        """How the next open of a file on device `dev` would be served (`user.modelfs.io` with no handle open)."""
+        if not self.active or not complete:
+            return "daemon"
+        refused = self._refused.get(dev) if dev is not None else None
+        return f"daemon ({refused[0]})" if refused else "passthrough"
 
     def unregister(self, backing_id: int) -> None:
         """Drop the kernel's registration; open passthrough files keep their own reference to the backing file."""

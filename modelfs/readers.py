@@ -15,19 +15,17 @@ from typing import Protocol, TypeVar
 
 from .errors import Failure
 from .fetcher import Download
+from .identity import Identity
 from .shared import SharedDir, SharedUnavailable
 
 T = TypeVar("T")
-
-#: Device, inode, size and mtime (ns) of the file a reader reads, from `fstat` of its own descriptor.
-Identity = tuple[int, int, int, int]
 
 
 class Reader(Protocol):
     source: str
     path: str
     fd: int
-    identity: Identity
+    identity: Identity  # of the file this reader reads, from `fstat` of its own descriptor
     trusted: bool  # whether `identity` proves the file (not a shared file changed in the last seconds)
     complete: bool  # the whole file is on disk: the kernel may read it itself (passthrough)
 
@@ -95,12 +93,12 @@ class LocalReader:
     source = "local"
     complete = True
 
-    def __init__(self, fd: int, path: str, drop_cache: bool = True) -> None:
+    def __init__(self, fd: int, path: str, identity: Identity, drop_cache: bool = True) -> None:
         self.fd = fd
         self.path = path
+        self.identity = identity
+        self.trusted = True  # a local filesystem: nanosecond mtimes and real inode numbers
         self.cache = BackingCache(fd, drop_cache)
-        self.identity: Identity = (0, 0, 0, 0)
-        self.trusted = True
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         return fn(*args)
@@ -119,13 +117,14 @@ class SharedReader:
     source = "shared"
     complete = True
 
-    def __init__(self, fd: int, path: str, shared: SharedDir, drop_cache: bool = True) -> None:
+    def __init__(self, fd: int, path: str, shared: SharedDir, identity: Identity, trusted: bool,
+                 drop_cache: bool = True) -> None:
         self.fd = fd
         self.path = path
         self.shared = shared
+        self.identity = identity
+        self.trusted = trusted
         self.cache = BackingCache(fd, drop_cache)
-        self.identity: Identity = (0, 0, 0, 0)
-        self.trusted = True
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         try:
@@ -155,13 +154,13 @@ class DownloadReader:
     source = "router"
     complete = False
 
-    def __init__(self, fd: int, path: str, download: Download, drop_cache: bool = True) -> None:
+    def __init__(self, fd: int, path: str, download: Download, identity: Identity, drop_cache: bool = True) -> None:
         self.fd = fd
         self.path = path
         self.download = download
-        self.cache = BackingCache(fd, drop_cache)
-        self.identity: Identity = (0, 0, 0, 0)
+        self.identity = identity  # the one the promoted file will have (the partial file is renamed, never copied)
         self.trusted = True
+        self.cache = BackingCache(fd, drop_cache)
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         return fn(*args)

@@ -56,15 +56,16 @@ def cmd_restart(args: argparse.Namespace) -> int:
             return _fail(f"nothing holds the connection of {mountpoint} (mounted with --no-supervisor?): a restart "
                          "would unmount it; unmount and mount it again instead")
         init = status.get("fuse_init")
-        if isinstance(init, list) and len(init) == 2:
-            from .mount import negotiation_difference
+        if not (isinstance(init, list) and len(init) == 2):
+            return _fail(f"the daemon of {mountpoint} is still starting; try again in a moment")
+        from .mount import negotiation_difference
 
-            active = bool((status.get("passthrough") or {}).get("active"))
-            difference = negotiation_difference(bytes.fromhex(init[0]), bytes.fromhex(init[1]), active)
-            if difference is not None:
-                return _fail(f"not restarted: the installed modelfs would answer the kernel's FUSE_INIT "
-                             f"differently ({difference}), so it cannot take this mount over; the running daemon "
-                             "goes on. Unmount and mount again to use the new version.")
+        active = bool((status.get("passthrough") or {}).get("active"))
+        difference = negotiation_difference(bytes.fromhex(init[0]), bytes.fromhex(init[1]), active)
+        if difference is not None:
+            return _fail(f"not restarted: the installed modelfs would answer the kernel's FUSE_INIT "
+                         f"differently ({difference}), so it cannot take this mount over; the running daemon "
+                         "goes on. Unmount and mount again to use the new version.")
         target = int(status["supervisor_pid"]) if holder == "supervisor" else old_pid
     if not _is_modelfs(target):
         return _fail(f"pid {target} is not a modelfs process")

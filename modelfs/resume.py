@@ -23,9 +23,10 @@ from . import names
 from .errors import Failure
 from .fetcher import Fetcher
 from .handover import STATE_PREFIX, Holder
+from .identity import Identity, settled
 from .inodes import OpenFile, Version
 from .readers import DownloadReader, LocalReader, Reader, SharedReader
-from .resolver import LOCAL, ROUTER, SHARED, Resolver, Source, settled
+from .resolver import LOCAL, ROUTER, SHARED, Source
 from .shared import SharedDir, SharedUnavailable
 from .state import Journal, Saved, SavedVersion, StateError
 from .store import Store
@@ -119,7 +120,7 @@ class RestoredReader:
     def __init__(self, source: Source, opener: Callable[[], Awaitable[Reader]]) -> None:
         self.source = source.kind
         self.path = str(source.path)
-        self.identity = source.identity or (0, 0, 0, 0)
+        self.identity = source.identity or Identity(0, 0, 0, 0)
         self.trusted = source.trusted
         self.complete = source.kind != ROUTER
         self.fd = -1
@@ -157,28 +158,28 @@ class RestoredReader:
 class Restored:
     """A `Saved` state checked against this mount's configuration and turned into the daemon's tables."""
 
-    def __init__(self, saved: Saved, store: Store, shared: list[SharedDir], resolver: Resolver,
-                 fetcher: Fetcher | None) -> None:
+    def __init__(self, saved: Saved, store: Store, shared: list[SharedDir], fetcher: Fetcher | None,
+                 drop_cache: bool) -> None:
         self.saved = saved
         self.store = store
         self.shared = shared
-        self.resolver = resolver
         self.fetcher = fetcher
-        self.drop_cache = resolver.drop_cache
+        self.drop_cache = drop_cache
         self.sources = {inode: self._source(v) for inode, v in saved.versions.items()}
 
     def _source(self, v: SavedVersion) -> Source:
         """The source a saved version stands for; StateError for a file outside the store and shared dirs."""
         name = v.name
         backing = Path(v.backing)
+        identity = Identity(*v.identity) if v.identity else None
         if v.kind == SHARED:
             for directory in self.shared:
                 if backing in names.candidates(directory.root, name):
-                    return Source(SHARED, name, backing, v.size, v.mtime_ns, directory, identity=v.identity,
+                    return Source(SHARED, name, backing, v.size, v.mtime_ns, directory, identity=identity,
                                   trusted=v.trusted)
         elif (v.kind == LOCAL and backing in names.candidates(self.store.root, name)
               or v.kind == ROUTER and backing == self.store.final_path(name)):
-            return Source(v.kind, name, backing, v.size, v.mtime_ns, identity=v.identity, trusted=v.trusted)
+            return Source(v.kind, name, backing, v.size, v.mtime_ns, identity=identity, trusted=v.trusted)
         raise StateError(f"inode {v.inode}: {v.kind} file {v.backing!r} is not model {name!r} of this mount's "
                          "store or shared directories")
 
@@ -205,27 +206,32 @@ class Restored:
             raise gone
         if source.kind == SHARED:
             assert source.shared is not None
+            return await self._reopen_shared(source.shared, name, identity, gone)
+        found = _open_identical(names.candidates(self.store.root, name), identity)
+        if found is not None:
+            return LocalReader(found[0], found[1], identity, self.drop_cache)
+        download = self.fetcher.downloads.get(name) if self.fetcher and source.kind == ROUTER else None
+        if download is not None and _same_file(download.fd, identity):
+            fd = os.dup(download.fd)
             try:
-                found = await source.shared.call(_open_identical, names.candidates(source.shared.root, name),
-                                                 identity)
+                return DownloadReader(fd, str(self.store.partial_path(name)), download, identity, self.drop_cache)
+            except BaseException:
+                os.close(fd)
+                raise
+        raise gone
+
+    async def _reopen_shared(self, shared: SharedDir, name: str, identity: Identity, gone: Failure) -> Reader:
+        for path in names.candidates(shared.root, name):
+            try:
+                fd, st = await shared.open(path)
             except SharedUnavailable as exc:
-                raise Failure(errno.EIO, f"shared directory {source.shared.root} unavailable: {exc}") from None
-            if found is None:
-                raise gone
-            reader: Reader = SharedReader(found[0], found[1], source.shared, self.drop_cache)
-            reader.trusted = settled(identity[3])
-        else:
-            found = _open_identical(names.candidates(self.store.root, name), identity)
-            if found is not None:
-                reader = LocalReader(found[0], found[1], self.drop_cache)
-            elif source.kind == ROUTER and self.fetcher is not None and (
-                    download := self.fetcher.downloads.get(name)) is not None and _same_file(download.fd, identity):
-                reader = DownloadReader(os.dup(download.fd), str(self.store.partial_path(name)), download,
-                                        self.drop_cache)
-            else:
-                raise gone
-        reader.identity = identity
-        return reader
+                raise Failure(errno.EIO, f"shared directory {shared.root} unavailable: {exc}") from None
+            except OSError:
+                continue
+            if Identity.of(st) == identity:
+                return SharedReader(fd, str(path), shared, identity, settled(identity.mtime_ns), self.drop_cache)
+            shared.close_soon(fd)
+        raise gone
 
     def resume_downloads(self) -> None:
         """Start again the downloads restored handles (or the names' current versions) were reading, with the
@@ -251,12 +257,12 @@ class Restored:
                      os.fstat(download.fd).st_size)
 
 
-def _same_file(fd: int, identity: tuple[int, int, int, int]) -> bool:
+def _same_file(fd: int, identity: Identity) -> bool:
     st = os.fstat(fd)
     return (st.st_dev, st.st_ino) == identity[:2]
 
 
-def _stat_same(path: Path, identity: tuple[int, int, int, int]) -> bool:
+def _stat_same(path: Path, identity: Identity) -> bool:
     try:
         st = os.stat(path)
     except OSError:
@@ -264,15 +270,14 @@ def _stat_same(path: Path, identity: tuple[int, int, int, int]) -> bool:
     return (st.st_dev, st.st_ino) == identity[:2]
 
 
-def _open_identical(paths: tuple[Path, Path], identity: tuple[int, int, int, int]) -> tuple[int, str] | None:
-    """Open whichever of `paths` is the file of `identity` (device, inode, size, mtime); None if neither is."""
+def _open_identical(paths: tuple[Path, Path], identity: Identity) -> tuple[int, str] | None:
+    """Open whichever of `paths` (in the store) is the file of `identity`; None if neither is."""
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == identity:
+        if Identity.of(os.fstat(fd)) == identity:
             return fd, str(path)
         os.close(fd)
     return None

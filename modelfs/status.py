@@ -1,7 +1,8 @@
 """`modelfs status` and `modelfs prefetch`: tools that talk to a running daemon through its mount.
 
 They never guess from disk: everything comes from the daemon's extended attributes (`user.modelfs.*` on the
-root and on each model file), as CernVM-FS exposes its state, so what they show is what the daemon believes.
+root and on each model file), as CernVM-FS exposes its state, so what they show is what the daemon believes. They
+read JSON (`user.modelfs.status`, `.entries`, `.state`; see `states`), never the text the daemon writes for people.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import names
+from .states import COMPLETE, DOWNLOADING, FAILED, VERIFYING, describe
 
 _libc = ctypes.CDLL(None, use_errno=True)
 XATTR_SIZE_MAX = 65536
@@ -38,6 +40,15 @@ def _xattr(path: Path, key: str) -> str:
         return os.getxattr(path, f"user.modelfs.{key}").decode()
     except OSError:
         return ""
+
+
+def model_state(path: Path) -> dict[str, Any]:
+    """A model's state (`user.modelfs.state`, JSON); `{}` if the daemon cannot say (then the caller says why)."""
+    try:
+        state = json.loads(_big_xattr(path, "user.modelfs.state"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def read_status(mountpoint: Path) -> dict[str, Any]:
@@ -84,7 +95,7 @@ def _read_one_by_one(mountpoint: Path, directory: Path, pending: list[Path]) -> 
             except OSError:
                 continue
             models.append({"name": name, "source": _xattr(path, "source"), "size": size,
-                           "state": _xattr(path, "progress"), "path": _xattr(path, "path")})
+                           "path": _xattr(path, "path"), **model_state(path)})
     return models
 
 
@@ -113,7 +124,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print()
     print(f"{'MODEL':40} {'SOURCE':7} {'SIZE':>10}  STATE / PATH")
     for model in state["models"]:
-        print(f"{model['name']:40} {model['source']:7} {model['size'] / 1e9:9.2f}G  {model['state']}  {model['path']}")
+        print(f"{model['name']:40} {model['source']:7} {model['size'] / 1e9:9.2f}G  {describe(model)}  "
+              f"{model['path']}")
     return 0
 
 
@@ -128,7 +140,11 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 def prefetch(mountpoint: Path, name: str) -> str | None:
-    """Download `name` through the mount and wait for it; None on success, else the reason."""
+    """Download `name` through the mount and wait until it is promoted; None on success, else the reason.
+
+    The open starts the download (or joins it); from then on the daemon's state (JSON) says how far it is. Parts
+    may arrive in any order, so no single byte read would say that all of them are there.
+    """
     try:
         names.validate(name)
     except names.InvalidName as exc:
@@ -144,60 +160,47 @@ def prefetch(mountpoint: Path, name: str) -> str | None:
         bar = threading.Thread(target=_show_progress, args=(path, name, size, done), daemon=True)
         bar.start()
         try:
-            # Waits until the download has written the last byte: it is sequential, so that means all of it.
-            os.pread(fd, 1, max(size - 1, 0))
             state = _wait_for_promotion(path)
-        except OSError as exc:
-            detail = _xattr(path, "progress")
-            return f"{exc.strerror}" + (f" ({detail})" if detail.startswith("failed") else "")
         finally:
             done.set()
             bar.join()
     finally:
         os.close(fd)
-    if state != "complete":
-        return state.removeprefix("failed: ") or "the daemon no longer knows the model"
+    if state.get("state") == FAILED:
+        return f"{os.strerror(int(state.get('errno') or 0))} ({state.get('reason')})"
+    if state.get("state") != COMPLETE:
+        return f"the download ended {describe(state)}" if state else "the daemon no longer knows the model"
     if sys.stderr.isatty():
         return None
     print(f"{name}: complete, {size} bytes", file=sys.stderr)
     return None
 
 
-def _wait_for_promotion(path: Path) -> str:
-    """Once every byte is on disk the download is still verified (digest) and renamed into the store: wait
-    until the daemon says `complete` (promoted) or anything else that is not `downloading`/`verifying`."""
+def _wait_for_promotion(path: Path) -> dict[str, Any]:
+    """Wait until the daemon's state is neither `downloading` nor `verifying` (every byte is there but the digest is
+    checked and the file renamed into the store): `complete` (promoted), `failed`, or anything unexpected."""
     delay = 0.01
     while True:
-        state = _xattr(path, "progress")
-        if not state.startswith(("downloading", "verifying")):
+        state = model_state(path)
+        if state.get("state") not in (DOWNLOADING, VERIFYING):
             return state
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
 
 
 def _show_progress(path: Path, name: str, size: int, done: threading.Event) -> None:
-    """A progress bar (bytes, rate, ETA) from the daemon's progress xattr; silent when not on a terminal."""
+    """A progress bar (bytes, rate, ETA) from the daemon's state; silent when not on a terminal."""
     if not sys.stderr.isatty():
         return
     from tqdm import tqdm
 
     with tqdm(total=size, unit="B", unit_scale=True, desc=name, file=sys.stderr) as bar:
         while not done.wait(0.2):
-            state = _xattr(path, "progress")
-            current = size if state == "complete" else _bytes_of(state)
-            if current is not None:
+            state = model_state(path)
+            current = size if state.get("state") == COMPLETE else state.get("bytes")
+            if isinstance(current, int):
                 bar.update(current - bar.n)
         bar.update(size - bar.n)
-
-
-def _bytes_of(state: str) -> int | None:
-    """`downloading 12.0% (123/1024 bytes) at ...` → 123."""
-    if "(" not in state:
-        return None
-    try:
-        return int(state.split("(", 1)[1].split("/", 1)[0])
-    except ValueError:
-        return None
 
 
 __all__ = ["cmd_status", "cmd_prefetch", "read_status", "prefetch"]

@@ -54,9 +54,6 @@ class Store:
     def is_dir(self, prefix: str) -> bool:
         return layout.is_dir(self.root, prefix)
 
-    def walk(self) -> dict[str, layout.Found]:
-        return layout.walk(self.root)
-
     def read_level(self, prefix: str) -> layout.Level:
         return layout.read_level(self.root, prefix)
 
@@ -140,38 +137,36 @@ class Store:
                 continue
         return sorted(found)
 
-    def make_room(self, needed: int, limit: int, busy: set[str]) -> list[str]:
-        """Evict least-recently-used downloaded models not in `busy` until `needed` more bytes fit in `limit`.
+    def evict(self, needed: int, busy: set[str]) -> int:
+        """Evict least-recently-used downloaded models not in `busy` until at least `needed` bytes are freed;
+        returns the bytes freed. Blocks on the disk (a walk, multi-GB unlinks): call it in a worker thread.
 
         Never touches models an admin placed by hand (no marker) or partial downloads. Raises StoreFull if even
-        evicting everything allowed would not make room; then nothing is evicted.
+        evicting everything allowed would not free enough; then nothing is evicted.
         """
-        usage = self.usage()
-        if usage + needed <= limit:
-            return []
         victims: list[tuple[str, int]] = []
         freed = 0
         for _used, name, size in self.downloaded():
+            if freed >= needed:
+                break
             if name in busy:
                 continue
             victims.append((name, size))
             freed += size
-            if usage - freed + needed <= limit:
-                break
-        else:
-            raise StoreFull(f"store {self.root} quota {limit} bytes: {usage} used, {needed} needed, only {freed} "
-                            "evictable (models in use, placed by hand, or partial)")
+        if freed < needed:
+            raise StoreFull(f"store {self.root}: {needed} bytes must be freed, only {freed} evictable (models in "
+                            "use, placed by hand, or partial)")
         for name, size in victims:
             model_dir = self.root / name
             for path in (model_dir / names.MODEL_FILE, model_dir / DOWNLOADED):
                 self._unlink(path)
-            log.info("evicted %s (%d bytes, least recently used) to keep store %s under %d bytes",
-                     name, size, self.root, limit)
+            log.info("evicted %s (%d bytes, least recently used) to keep store %s under its quota", name, size,
+                     self.root)
             metrics.EVICTIONS.inc()
-        return [name for name, _ in victims]
+        return freed
 
     def usage(self) -> int:
-        """Bytes of model files and partial downloads in the store."""
+        """Bytes of every file in the store: a walk of the whole store, done once per mount (in a thread)."""
         total = 0
         for dirpath, _dirs, files in os.walk(self.root):
             for filename in files:
@@ -179,6 +174,17 @@ class Store:
                     total += os.stat(os.path.join(dirpath, filename)).st_blocks * 512
                 except OSError:
                     pass
+        return total
+
+    def model_bytes(self, name: str) -> int:
+        """Bytes of the files modelfs writes for model `name`: its model file, partial download, sidecar, marker."""
+        directory = self.root / names.validate(name)
+        total = 0
+        for filename in (names.MODEL_FILE, PARTIAL, SIDECAR, DOWNLOADED):
+            try:
+                total += os.stat(directory / filename).st_blocks * 512
+            except OSError:
+                pass
         return total
 
 

@@ -111,6 +111,8 @@ class Faults:
     list_hang: bool = False
     models: list[str] | None = None
     headers: dict[str, str] | None = None  # extra blob response headers (e.g. a digest)
+    list_sizes: bool = True  # False: the model list has no size_bytes (llmlb may list models so)
+    list_extra: list[str] | None = None  # names the model list shows although they have no file (blob: 404)
 
 
 FAULT_FIELDS = {f.name for f in dataclasses.fields(Faults)}
@@ -388,11 +390,14 @@ class RouterHandler(BaseHTTPRequestHandler):
             status = faults.faults.list_status
             self._send_json(status, {"error": f"injected status {status}"})
             return
-        models = list_models(self.server.models_dir)
-        if self.server.list_format == "array":
-            self._send_json(200, [{"name": n, "size_bytes": s, "status": "ready"} for n, s in models])
-        else:
-            self._send_json(200, {"data": [{"id": n, "size_bytes": s, "status": "ready"} for n, s in models]})
+        models: list[tuple[str, int | None]] = [*list_models(self.server.models_dir),
+                                                *((n, None) for n in faults.faults.list_extra or ())]
+        key = "name" if self.server.list_format == "array" else "id"
+        entries = [{key: n, "status": "ready"} for n, _ in models]
+        if faults.faults.list_sizes:
+            for entry, (_, size) in zip(entries, models, strict=True):
+                entry["size_bytes"] = size
+        self._send_json(200, entries if self.server.list_format == "array" else {"data": entries})
 
     def _blob(self, name: str) -> None:
         if not valid_name(name):

@@ -268,3 +268,28 @@ def test_read_ahead_is_raised_after_the_handshake(mount, dirs):
     wait_for(lambda: setting.read_text().strip() == "4096", timeout=5, what="read_ahead_kb 4096")
     time.sleep(0.5)
     assert setting.read_text().strip() == "4096"  # and nothing resets it afterwards
+
+
+def test_the_background_daemon_does_not_pin_the_directory_it_was_started_from(dirs, tmp_path):
+    """`modelfs mount` without --foreground detaches; the daemon then works from `/`, so the directory it was
+    started from (an admin's home, a build tree, a mount) can be removed or unmounted."""
+    from conftest import fuse_missing
+
+    if fuse_missing():
+        pytest.skip(fuse_missing() or "")
+    started_in = tmp_path / "started-here"
+    started_in.mkdir()
+    write_model(dirs["store"], "m", b"GGUF-m")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELFS_", "LLM_"))}
+    result = subprocess.run([sys.executable, "-m", "modelfs", "mount", str(dirs["mnt"]), "--store", str(dirs["store"]),
+                             "--log-file", str(tmp_path / "daemon.log")], cwd=started_in, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout.split("(pid ")[1].split(",")[0])
+    try:
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        assert (dirs["mnt"] / "m.gguf").read_bytes() == b"GGUF-m"
+        started_in.rmdir()  # nothing holds it
+    finally:
+        subprocess.run([sys.executable, "-m", "modelfs", "umount", str(dirs["mnt"])], capture_output=True, timeout=30)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="the daemon to exit")

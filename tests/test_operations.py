@@ -119,3 +119,38 @@ def test_store_quota_evicts_least_recently_used_downloads_only(mount, router, di
             assert info.value.errno == errno.ENOSPC
     assert "quota" in m.log_text()
     assert final["a"].exists() and final["c"].exists()
+
+
+def test_the_tools_read_the_daemons_state_as_json(mount, router, dirs):
+    """`user.modelfs.state` is JSON through a download's life, `modelfs status --json` carries the same fields, and
+    `prefetch` reports a failure from its errno and reason, never from parsing the progress text."""
+    r = router()
+    write_model(r.models_dir, "slow", gguf_bytes(4 * MB))
+    write_model(r.models_dir, "broken", gguf_bytes(MB))
+    write_model(dirs["store"], "here", b"GGUF-local")
+    m = mount("--router", r.url, "--retries", "0")
+    m.expected_errors += ["broken"]
+
+    def state(name: str) -> dict[str, object]:
+        return json.loads(os.getxattr(m.model(name), "user.modelfs.state"))
+
+    assert state("here") == {"state": "complete"}
+    assert state("slow") == {"state": "not downloaded", "total": 4 * MB}
+    r.control(rate=2 * MB, models=["slow"])
+    with open(m.model("slow"), "rb") as f:
+        f.read(4)
+        now = state("slow")
+        assert now["state"] == "downloading" and now["total"] == 4 * MB, now
+        assert 0 < now["bytes"] <= 4 * MB and now["rate"] >= 0 and isinstance(now["parts"], list)
+        listed = json.loads(modelfs("status", str(m.path), "--json").stdout)["models"]
+        models = {model["name"]: model for model in listed}
+        assert models["slow"]["state"] == "downloading" and models["slow"]["total"] == 4 * MB
+        assert models["here"]["state"] == "complete"
+        assert "downloading" in modelfs("status", str(m.path)).stdout
+    wait_for(lambda: state("slow") == {"state": "complete"}, what="the download promoted")
+    r.control(status=500, models=["broken"])
+    failed = modelfs("prefetch", "broken", "--mount", str(m.path))
+    assert failed.returncode == 1 and "Input/output error (" in failed.stderr and "500" in failed.stderr, failed.stderr
+    broken = state("broken")
+    assert broken["state"] == "failed" and broken["errno"] == errno.EIO and "500" in str(broken["reason"])
+    assert json.loads(os.getxattr(m.path, "user.modelfs.status"))["failures"]["broken"]["errno"] == errno.EIO

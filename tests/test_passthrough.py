@@ -87,3 +87,65 @@ def test_kernel_allows_256_background_requests(mount):
     finally:
         if ours:
             subprocess.run(["umount", connections], check=True)
+
+
+def scrape_fallbacks(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {s.labels["cause"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "modelfs_passthrough_fallbacks_total"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_backing_open_failing_for_one_file_falls_back_for_that_open_only(mount, dirs):
+    """EMFILE, ENOMEM and the like say nothing about the filesystem: the daemon serves that one open, says so in
+    `user.modelfs.io` and the log (WARNING) and the metric, and the next open (of it or any other file) is passed
+    through again. The failure is injected into the kernel call (MODELFS_TEST_BACKING_OPEN_ERRNOS)."""
+    a, b = gguf_bytes(1 << 20, seed=1), gguf_bytes(1 << 20, seed=2)
+    write_model(dirs["store"], "a", a)
+    write_model(dirs["store"], "b", b)
+    port = free_port()
+    m = mount("--passthrough", "on", "--metrics", f"127.0.0.1:{port}",
+              env={"MODELFS_TEST_BACKING_OPEN_ERRNOS": "EMFILE"})
+    with open(m.model("a"), "rb") as f:
+        assert os.getxattr(m.model("a"), "user.modelfs.io") == b"daemon (backing open failed: EMFILE)"
+        assert f.read() == a
+        with open(m.model("b"), "rb") as g:  # the same filesystem: passthrough is still on for it
+            assert os.getxattr(m.model("b"), "user.modelfs.io") == b"passthrough"
+            assert g.read() == b
+    with open(m.model("a"), "rb") as f:
+        assert os.getxattr(m.model("a"), "user.modelfs.io") == b"passthrough"
+        assert f.read() == a
+    warnings = [line for line in m.log_text().splitlines() if " WARNING " in line and "passthrough" in line]
+    assert len(warnings) == 1 and "Too many open files" in warnings[0] and "stays on" in warnings[0], warnings
+    fallbacks = scrape_fallbacks(port)
+    assert fallbacks["EMFILE"] == 1 and sum(fallbacks.values()) == 1, fallbacks
+
+
+def test_a_backing_open_refused_for_the_filesystem_sends_its_files_to_the_daemon(mount, dirs):
+    """ELOOP (filesystems stacked too deep) is about the backing filesystem: every file there takes the daemon
+    path for the rest of the mount, and says why."""
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        write_model(dirs["store"], name, gguf_bytes(1 << 20, seed=seed))
+    port = free_port()
+    m = mount("--passthrough", "on", "--metrics", f"127.0.0.1:{port}",
+              env={"MODELFS_TEST_BACKING_OPEN_ERRNOS": "ELOOP"})
+    refused = b"daemon (backing files refused: ELOOP)"
+    for name, seed in (("a", 1), ("b", 2)):
+        with open(m.model(name), "rb") as f:
+            assert os.getxattr(m.model(name), "user.modelfs.io") == refused
+            assert f.read() == gguf_bytes(1 << 20, seed=seed)
+    assert os.getxattr(m.model("c"), "user.modelfs.io") == refused  # not open: how its next open would be served
+    assert scrape_fallbacks(port)["ELOOP"] == 2
+    assert "for the rest of the mount" in m.log_text()

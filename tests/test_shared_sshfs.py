@@ -354,7 +354,9 @@ def test_io_path_per_backing_filesystem(mount, dirs, sshd, tmp_path, io, holders
     with SshfsMount(sshd, str(direct), str(dirs["shared"])), \
             SshfsMount(sshd, str(cached), str(dirs["shared2"]), direct_io=False):
         m = mount(*mount_args(dirs))
-        for name, seed, expected in (("a", 1, "daemon"), ("b", 2, "passthrough" if io == "passthrough" else "daemon")):
+        # With passthrough active, `user.modelfs.io` says why a file falls back to the daemon path.
+        direct_io = "daemon (filesystem cannot map files shared)" if io == "passthrough" else "daemon"
+        for name, seed, expected in (("a", 1, direct_io), ("b", 2, "passthrough" if io == "passthrough" else "daemon")):
             held = holders(m.model(name))
             assert os.getxattr(m.model(name), "user.modelfs.io").decode() == expected, m.log_text()
             with open(m.model(name), "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -419,3 +421,104 @@ def test_a_download_ending_while_a_hung_share_is_asked_is_not_fetched_again(moun
     assert first.wait(timeout=30) == 0
     assert r.blob_gets("late") == 1
     assert m.log_text().count("late: starting a download") == 1
+
+
+# Runs in a child: stats every path given, each in its own thread, all at once; prints [errno or 0, seconds] each.
+_CONCURRENT_STATS = r"""
+import json, os, sys, threading, time
+results = [None] * (len(sys.argv) - 1)
+def one(i, path):
+    start = time.monotonic()
+    try:
+        os.stat(path)
+        err = 0
+    except OSError as exc:
+        err = exc.errno
+    results[i] = [err, time.monotonic() - start]
+threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(sys.argv[1:])]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(results))
+"""
+
+
+def concurrent_stats(paths: list[Path], timeout: float = 30) -> list[list[float]]:
+    proc = subprocess.run([sys.executable, "-c", _CONCURRENT_STATS, *map(str, paths)], capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+#: A WAN-like server: every request reaches the real sftp-server `delay` seconds late, without limiting how many are
+#: in flight (a delay line, not a queue). Run by sshfs on the server side (`-o sftp_server=...`).
+_SLOW_SFTP = r"""#!PYTHON
+import os, queue, subprocess, sys, threading, time
+delay = float(sys.argv[1])
+server = subprocess.Popen(["/usr/lib/openssh/sftp-server"], stdin=subprocess.PIPE, stdout=sys.stdout.fileno(),
+                          bufsize=0)
+line = queue.SimpleQueue()
+def read():
+    while data := os.read(0, 1 << 16):
+        line.put((time.monotonic() + delay, data))
+    line.put((0, b""))
+threading.Thread(target=read, daemon=True).start()
+while True:
+    due, data = line.get()
+    if not data:
+        break
+    time.sleep(max(0.0, due - time.monotonic()))
+    server.stdin.write(data)
+server.stdin.close()
+server.wait()
+"""
+
+
+@pytest.fixture
+def slow_remote(sshd: Sshd, dirs: dict[str, Path], mount: object, tmp_path: Path) -> Iterator[Remote]:
+    """Like `remote`, with 40 ms more on every request to the server: calls are slow but always answered."""
+    server_dir = tmp_path / "remote"
+    server_dir.mkdir()
+    relay = tmp_path / "slow-sftp"
+    relay.write_text(_SLOW_SFTP.replace("PYTHON", sys.executable))
+    relay.chmod(0o755)
+    with SshfsMount(sshd, str(server_dir), str(dirs["shared"]), extra_options=[f"sftp_server={relay} 0.04"]) as fs:
+        yield Remote(server_dir, fs)
+
+
+def test_a_busy_share_with_slow_answers_stays_up(mount, dirs, slow_remote):
+    """Every call on the share answers well within --shared-timeout, but far more lookups arrive at once than the
+    8 threads of the directory can run: the time spent waiting for a thread is not the server's, so the directory
+    is never marked down, by the calls or by the prober (which has a thread of its own)."""
+    names = [f"m{i}" for i in range(96)]
+    for name in names:
+        write_model(slow_remote.dir, name, f"GGUF-{name}".encode())
+    m = mount(*mount_args(dirs))
+    results = concurrent_stats([m.model(name) for name in names])
+    slowest = max(seconds for _, seconds in results)
+    print(f"\n{len(names)} lookups on a share answering every request 40 ms late: slowest {slowest:.2f}s")
+    assert [err for err, _ in results] == [0] * len(names), (slowest, m.log_text())
+    assert slowest > 1.5 * SHARED_TIMEOUT, f"the lookups did not queue (slowest {slowest:.2f}s): no test"
+    assert unavailable_warnings(m.log_text(), dirs["shared"]) == [], m.log_text()
+    assert json.loads(os.getxattr(m.path, "user.modelfs.shared"))[0]["available"] is True
+
+
+def test_a_stopped_share_is_marked_down_in_bounded_time_with_every_thread_stuck(mount, dirs, remote):
+    """A hung share with more lookups than threads: the ones running time out after --shared-timeout, the ones
+    still waiting for a thread are released when it is marked down; none waits for the server."""
+    names = [f"m{i}" for i in range(24)]
+    for name in names:
+        write_model(remote.dir, name, f"GGUF-{name}".encode())
+    write_model(dirs["store"], "local", b"GGUF-local")
+    m = mount(*mount_args(dirs))
+    remote.sshfs.stop()
+    stopped = time.monotonic()
+    results = concurrent_stats([m.model(name) for name in names])
+    assert {err for err, _ in results} == {2}  # ENOENT: the share is skipped, no source has them
+    bound = SHARED_TIMEOUT + 1.0  # the first calls' own timeout, plus scheduling on a busy machine
+    assert max(seconds for _, seconds in results) < bound, results
+    assert not json.loads(os.getxattr(m.path, "user.modelfs.shared"))[0]["available"]
+    assert time.monotonic() - stopped < bound + 1.0
+    assert access(("read", m.model("local")))[0]["value"] == digest(b"GGUF-local")
+    assert len(unavailable_warnings(m.log_text(), dirs["shared"])) == 1
