@@ -122,13 +122,19 @@ def default_log_file() -> Path:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    serving = args.foreground and (args.no_supervisor or os.environ.get("NOTIFY_SOCKET"))
+    # A supervisor reads the settings only to refuse bad ones at once; its daemon reads them again and warns.
+    config_log = logging.getLogger("modelfs.config")
+    config_log.disabled = not serving
     try:
         config = load(_flags(args), args.config)
     except ConfigError as exc:
         print(f"modelfs: {exc}", file=sys.stderr)
         return 2
+    finally:
+        config_log.disabled = False
     mountpoint = args.mountpoint.absolute()
-    if args.foreground and (args.no_supervisor or os.environ.get("NOTIFY_SOCKET")):
+    if serving:
         from .mount import HANDOVER_EXIT, MountError, run
 
         setup_logging(config.debug)
