@@ -94,7 +94,14 @@ class Supervisor:
         try:
             self.child = self._spawn()
             while True:
-                status = self._step()
+                try:
+                    status = self._step()
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except Exception:  # noqa: BLE001 - dying would take the daemon and the mount with it
+                    log.exception("supervisor of %s: unexpected error; going on", self.mountpoint)
+                    time.sleep(0.1)
+                    continue
                 if status is not None:
                     return status
         finally:
@@ -276,7 +283,7 @@ class Supervisor:
             self.stopping = True
             self._drop_standby()
             if self.child is not None:
-                os.kill(self.child.pid, signal.SIGTERM)
+                _kill(self.child.pid, signal.SIGTERM)
             else:
                 self._unmount()
                 raise SystemExit(0)
@@ -311,7 +318,7 @@ class Supervisor:
                 os.close(fd)
         if fields.get("MODELFSD_STANDBY") == "1" and child is self.standby and self.child is not None:
             child.prepared = True
-            os.kill(self.child.pid, signal.SIGUSR1)
+            _kill(self.child.pid, signal.SIGUSR1)
         if fields.get("READY") == "1" and child is self.child:
             child.ready_at = time.monotonic()
             if not self.announced:
@@ -330,6 +337,14 @@ class Supervisor:
 def fcntl_dup(fd: int) -> int:
     """A duplicate above every descriptor the child will get, so that placing them never overwrites one."""
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64)
+
+
+def _kill(pid: int, signum: int) -> None:
+    """Signal a child that may have just exited (it is reaped by the loop, which then sees why)."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _describe(code: int) -> str:
