@@ -146,3 +146,19 @@ def test_replay_and_resume_refuse_another_negotiation(mountpoint):
     with pytest.raises(ValueError, match="not a FUSE_INIT request"):
         pyfuse3.replay_init(Ops(), reply)
     wait_for(lambda: not is_mounted(str(mountpoint)), what="the unmount")
+
+
+def test_what_fusedev_reads_of_a_fuse_init_request():
+    """Pure: whether the kernel that sent a FUSE_INIT can resend (FUSE_HAS_RESEND is flags2 bit 7, protocol 7.40),
+    which decides between leaving requests to the next daemon and draining them first."""
+    from modelfs import fusedev
+
+    def init(minor: int, flags2: int) -> bytes:
+        header = fusedev.IN_HEADER.pack(104, fusedev.FUSE_INIT, 2, 0, 0, 0, 0, 0, 0)
+        return header + fusedev.INIT_IN.pack(7, minor, 1 << 20, 1 << 30, flags2) + bytes(44)
+
+    assert fusedev.kernel_resends(init(45, fusedev.HAS_RESEND | 1))
+    assert not fusedev.kernel_resends(init(45, 1))  # a kernel that does not say it can
+    assert not fusedev.kernel_resends(init(39, fusedev.HAS_RESEND))  # before 7.40 the bit meant nothing
+    assert not fusedev.kernel_resends(init(45, fusedev.HAS_RESEND)[:50])
+    assert fusedev.ATTR_OUT.size == 104  # struct fuse_attr_out, what the failed supervisor answers for the root
