@@ -177,5 +177,5 @@ def lifecycle(holder: Holder, restarts: int, pause: float | None,
         PAUSE.set(pause)
     return {"pid": os.getpid(), "restarts": restarts, "held_by": holder.kind,
             "supervisor_pid": holder.supervisor or None, "started": time.time(),
-            "last_restart_pause_s": None if pause is None else round(pause, 3),
+            "last_restart_pause_s": None if pause is None else round(pause, 3), "state_format": state.VERSION,
             "fuse_init": [init[0].hex(), init[1].hex()] if init else None}

@@ -59,6 +59,12 @@ def cmd_restart(args: argparse.Namespace) -> int:
         if not (isinstance(init, list) and len(init) == 2):
             return _fail(f"the daemon of {mountpoint} is still starting; try again in a moment")
         from .mount import negotiation_difference
+        from .state import VERSION
+
+        if status.get("state_format") != VERSION:
+            return _fail(f"not restarted: the running daemon keeps its restart journal in format "
+                         f"{status.get('state_format')}, the installed modelfs reads format {VERSION}; the running "
+                         "daemon goes on. Unmount and mount again to use the new version.")
 
         active = bool((status.get("passthrough") or {}).get("active"))
         difference = negotiation_difference(bytes.fromhex(init[0]), bytes.fromhex(init[1]), active)

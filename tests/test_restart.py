@@ -400,6 +400,13 @@ def test_restart_refuses_a_modelfs_that_would_negotiate_differently(mount, dirs)
     assert refused.returncode == 1 and "not restarted" in refused.stderr and "max_background 0x40" in \
         refused.stderr, refused.stderr
     assert status(m.path)["pid"] == pid  # the running daemon was left alone
+    # Nor one that would not read this mount's journal.
+    newer = ("import sys, modelfs.state as state; state.VERSION += 1; from modelfs.cli import main; "
+             "sys.exit(main(sys.argv[1:]))")
+    refused = subprocess.run([sys.executable, "-c", newer, "restart", str(m.path)], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 1 and "journal in format 1" in refused.stderr, refused.stderr
+    assert status(m.path)["pid"] == pid
 
 
 def test_restart_refuses_a_mount_nothing_holds(mount, dirs):
