@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from ggufmaker import make_gguf_of_size as make_gguf_of_size  # noqa: E402  (re-exported for run.py)
-from router_server import RouterProcess as RouterProcess  # noqa: E402  (re-exported for run.py)
-from router_server import list_models  # noqa: E402
-from sshfs import Sshd, is_mounted  # noqa: E402
-from sshfs import SshfsMount as SshfsMount  # noqa: E402  (re-exported for run.py)
-from sshfs import sshfs_available as sshfs_available  # noqa: E402  (re-exported for run.py)
+from tests.support.ggufmaker import make_gguf_of_size as make_gguf_of_size  # noqa: E402  (re-exported for run.py)
+from tests.support.models import list_models  # noqa: E402
+from tests.support.router import RouterProcess as RouterProcess  # noqa: E402  (re-exported for run.py)
+from tests.support.sshfs import Sshd, is_mounted  # noqa: E402
+from tests.support.sshfs import SshfsMount as SshfsMount  # noqa: E402  (re-exported for run.py)
+from tests.support.sshfs import sshfs_available as sshfs_available  # noqa: E402  (re-exported for run.py)
 
 PYTHON = sys.executable
 PAGE = mmap.PAGESIZE

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the readers import nothing heavy: 64 of them start at once
     from harness import Janitor
-    from router_server import RouterProcess
+
+    from tests.support.router import RouterProcess
 
 BLOCK = 65_521  # prime: a misplaced range never matches by accident
 MIB = 1 << 20
@@ -197,7 +198,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
 
 def _soak(args: argparse.Namespace, work: Path, janitor: Janitor) -> dict[str, Any]:
     from harness import PYTHON, ROOT, Modelfs, proc_status, start_sshfs
-    from router_server import RouterProcess
+
+    from tests.support.router import RouterProcess
 
     store, remote, routed, mnt, share = (work / d for d in ("store", "remote", "router", "mnt", "share"))
     for d in (store, remote, routed, share):

@@ -9,8 +9,10 @@ import sys
 import urllib.request
 
 import pytest
-from conftest import gguf_bytes, wait_for, write_model
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.models import gguf_bytes, write_model
+from tests.support.procs import wait_for
 
 MB = 1 << 20
 

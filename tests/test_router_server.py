@@ -14,8 +14,9 @@ import gguf
 import httpx
 import numpy as np
 import pytest
-from ggufmaker import make_gguf, make_gguf_of_size, read_tensors, tensors_equal, tensors_match
-from router_server import RouterProcess
+
+from tests.support.ggufmaker import make_gguf, make_gguf_of_size, read_tensors, tensors_equal, tensors_match
+from tests.support.router import RouterProcess
 
 BIG = 4 * 1024 * 1024
 

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from sshfs import sshfs_available
+
+from tests.support.sshfs import sshfs_available
 
 ROOT = Path(__file__).resolve().parent.parent
 _REASON = sshfs_available()

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sshfs import Sshd, SshfsMount, sshfs_available
+
+from tests.support.sshfs import Sshd, SshfsMount, sshfs_available
 
 _REASON = sshfs_available()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
