@@ -9,8 +9,8 @@ import json
 import re
 import subprocess
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from tests.support.models import list_models
 from tests.support.procs import free_port, stop_process, wait_port
@@ -21,50 +21,25 @@ CACHE_CONF = ROOT / "systemd" / "nginx-modelfs-cache.conf"
 
 
 class Nginx:
-    """nginx on a free loopback port: with `router_port`, the shipped caching proxy in front of that router; with
-    `models_dir`, a plain server of `/v0/models/blob/<name>` (and with `model_list`, of `/v0/models` as of the
-    start), each connection limited to `limit_rate` (nginx syntax, e.g. "2m") when given."""
+    """nginx on 127.0.0.1:`port` with one `http {}` snippet (`Nginx.shipped`: the caching proxy; `Nginx.models`: a
+    plain server of a models directory), logging each request's cache status, range and body size."""
 
-    def __init__(self, prefix: Path, router_port: int | None = None, models_dir: Path | None = None,
-                 limit_rate: str | None = None, model_list: bool = False) -> None:
+    def __init__(self, prefix: Path, snippet: str, port: int) -> None:
         prefix.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        if models_dir is None:
-            snippet = CACHE_CONF.read_text()
-            self.cache = prefix / "cache"
-            snippet = snippet.replace("/var/cache/nginx/modelfs", str(self.cache))
-            snippet, n = re.subn(r"upstream llmlb \{.*?\}",
-                                 f"upstream llmlb {{\n    server 127.0.0.1:{router_port};\n}}", snippet, flags=re.S)
-            assert n == 1
-            snippet, n = re.subn(r"listen 8080;", f"listen 127.0.0.1:{self.port};", snippet)
-            assert n == 1
-        else:
-            listing = ""
-            if model_list:
-                models = [{"id": name, "size_bytes": size} for name, size in list_models(models_dir)]
-                (prefix / "models.json").write_text(json.dumps({"data": models}))
-                listing = f"location = /v0/models {{ default_type application/json; alias {prefix}/models.json; }}"
-            snippet = f"""\
-sendfile on;
-server {{
-    listen 127.0.0.1:{self.port};
-    {f"limit_rate {limit_rate};" if limit_rate else ""}
-    location ~ ^{BLOB_PREFIX}(.+)$ {{ alias {models_dir}/$1/model.gguf; }}
-    {listing}
-}}
-"""
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
         self.access_log = prefix / "access.log"
         self.error_log = prefix / "error.log"
         self._log_start = 0
         temp = prefix / "temp"
+        temp.mkdir(exist_ok=True)
         # As root nginx's workers would run as nobody, who cannot enter pytest's 0700 tmp_path.
         (prefix / "nginx.conf").write_text(f"""\
 user root root;
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {self.error_log} notice;
-events {{ worker_connections 256; }}
+events {{ worker_connections 1024; }}
 http {{
     log_format cache '$request_method $request_uri $status $upstream_cache_status range=$http_range '
                      'body=$body_bytes_sent';
@@ -77,17 +52,50 @@ http {{
 {snippet}
 }}
 """)
-        temp.mkdir(exist_ok=True)
         self.stderr = prefix / "stderr.log"
         with open(self.stderr, "wb") as stderr:
             self.proc = subprocess.Popen(["nginx", "-c", str(prefix / "nginx.conf"), "-p", str(prefix),
                                           "-g", "daemon off;"], stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
         try:
-            wait_port(self.port, self.proc, "nginx")
+            wait_port(port, self.proc, "nginx")
         except RuntimeError as exc:
             self.stop()
             logs = [p.read_text(errors="replace") for p in (self.stderr, self.error_log) if p.exists()]
             raise RuntimeError(f"nginx did not start ({exc}):\n" + "\n".join(logs)) from None
+
+    @classmethod
+    def shipped(cls, prefix: Path, router_port: int, conf: Path = CACHE_CONF) -> Nginx:
+        """The shipped caching proxy `conf`, its upstream the router on `router_port`, its cache under `prefix`."""
+        port = free_port()
+        snippet = conf.read_text().replace("/var/cache/nginx/modelfs", str(prefix / "cache"))
+        snippet, n = re.subn(r"upstream llmlb \{.*?\}", f"upstream llmlb {{\n    server 127.0.0.1:{router_port};\n}}",
+                             snippet, flags=re.S)
+        assert n == 1, f"{conf} has no upstream llmlb block to point at the test router"
+        snippet, n = re.subn(r"listen 8080;", f"listen 127.0.0.1:{port};", snippet)
+        assert n == 1, f"{conf} does not listen on 8080"
+        return cls(prefix, snippet, port)
+
+    @classmethod
+    def models(cls, prefix: Path, models_dir: Path, limit_rate: str | None = None,
+               model_list: bool = False) -> Nginx:
+        """A plain server of `models_dir` in the llmlb API: `/v0/models/blob/<name>` (Range natively), with
+        `model_list` also `/v0/models` as of now; each connection limited to `limit_rate` (e.g. "2m") if given."""
+        prefix.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        listing = ""
+        if model_list:
+            models = [{"id": name, "size_bytes": size} for name, size in list_models(models_dir)]
+            (prefix / "models.json").write_text(json.dumps({"data": models}))
+            listing = f"location = /v0/models {{ default_type application/json; alias {prefix}/models.json; }}"
+        return cls(prefix, f"""\
+sendfile on;
+server {{
+    listen 127.0.0.1:{port};
+    {f"limit_rate {limit_rate};" if limit_rate else ""}
+    location ~ ^{BLOB_PREFIX}(.+)$ {{ alias {models_dir}/$1/model.gguf; }}
+    {listing}
+}}
+""", port)
 
     def log_lines(self, uri: str) -> list[str]:
         """Access log lines of requests for `uri` (as sent, percent-encoded)."""
@@ -116,11 +124,11 @@ http {{
         self.stop()
 
 
-def start_nginx(prefix: Path, **kwargs: Any) -> Nginx:
-    """An `Nginx(prefix, **kwargs)`, tried up to three times: the free port it picked may be taken meanwhile."""
+def start_nginx(make: Callable[[], Nginx]) -> Nginx:
+    """`make()`, tried up to three times: the free port it picked may have been taken meanwhile."""
     for attempt in range(3):
         try:
-            return Nginx(prefix, **kwargs)
+            return make()
         except RuntimeError:
             if attempt == 2:
                 raise
