@@ -122,16 +122,21 @@ class Mount:
         subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True, timeout=10)
 
     def stop(self) -> None:
-        """Unmount and wait for the daemon to exit (kill it after 15 s); safe to call again."""
+        """Unmount and wait for the daemon to exit (kill it after 15 s); safe to call again, and at any moment:
+        a daemon still starting is asked to stop with SIGTERM, and a mount left by a killed daemon is removed."""
         if self.proc is None:
             return
+        mounted = is_mounted(str(self.path))
         unmount(self.path)
         if self.proc.poll() is None:
+            if not mounted:
+                self.proc.terminate()
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        unmount(self.path)
         self.proc = None
 
     def unexpected_errors(self) -> list[str]:
