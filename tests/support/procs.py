@@ -32,13 +32,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def eventually(check: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
+    """Poll `check()` every `interval` seconds until it is true (True) or `timeout` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
     """Poll until `predicate()` is true; raise AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+    if not eventually(predicate, timeout):
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 10.0) -> None:
