@@ -28,7 +28,7 @@ import pytest
 from modelfs import mounthelper
 from modelfs.config import Config, from_file
 from tests.support.models import gguf_bytes, write_model
-from tests.support.mount import BENIGN_ERRORS, fuse_missing
+from tests.support.mount import BENIGN_ERRORS, fuse_missing, stop_daemon
 from tests.support.procs import wait_for
 from tests.support.sshfs import is_mounted
 
@@ -100,11 +100,6 @@ def stat_errno(path: Path) -> int:
     return 0
 
 
-def force_unmount(path: Path) -> None:
-    if is_mounted(str(path)):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=10)
-
-
 class Daemon:
     """`modelfs mount --foreground` as systemd runs it (Type=notify), with a NOTIFY_SOCKET bound by the test."""
 
@@ -150,14 +145,7 @@ class Daemon:
         return self.proc.wait(timeout=timeout)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            force_unmount(self.mountpoint)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        force_unmount(self.mountpoint)
+        stop_daemon(self.proc, self.mountpoint)
         self.sock.close()
 
 

@@ -46,6 +46,22 @@ def unmount(path: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=30)
 
 
+def stop_daemon(proc: subprocess.Popen[bytes], path: Path) -> None:
+    """Unmount `path` and wait for the daemon `proc` to exit (killed after 15 s), at any moment of its life: a
+    daemon still starting is asked to stop with SIGTERM, and a mount left by a killed daemon is removed."""
+    mounted = is_mounted(str(path))
+    unmount(path)
+    if proc.poll() is None:
+        if not mounted:
+            proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    unmount(path)
+
+
 class Mount:
     """One modelfs daemon and its mountpoint: `Mount(...).start()`, or `with Mount(...) as m:`.
 
@@ -122,21 +138,9 @@ class Mount:
         subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True, timeout=10)
 
     def stop(self) -> None:
-        """Unmount and wait for the daemon to exit (kill it after 15 s); safe to call again, and at any moment:
-        a daemon still starting is asked to stop with SIGTERM, and a mount left by a killed daemon is removed."""
-        if self.proc is None:
-            return
-        mounted = is_mounted(str(self.path))
-        unmount(self.path)
-        if self.proc.poll() is None:
-            if not mounted:
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        unmount(self.path)
+        """`stop_daemon`; safe to call again."""
+        if self.proc is not None:
+            stop_daemon(self.proc, self.path)
         self.proc = None
 
     def unexpected_errors(self) -> list[str]:
