@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import gguf_bytes, wait_for, write_model
-from sshfs import Sshd, SshfsMount, sshfs_available
+
+from tests.support.models import gguf_bytes, write_model
+from tests.support.procs import wait_for
+from tests.support.sshfs import Sshd, SshfsMount, sshfs_available
 
 _REASON = sshfs_available()
 pytestmark = [pytest.mark.skipif(_REASON is not None, reason=_REASON or ""), pytest.mark.io_paths]

@@ -275,7 +275,7 @@ def test_read_ahead_is_raised_after_the_handshake(mount, dirs):
 def test_the_background_daemon_does_not_pin_the_directory_it_was_started_from(dirs, tmp_path):
     """`modelfs mount` without --foreground detaches; the daemon then works from `/`, so the directory it was
     started from (an admin's home, a build tree, a mount) can be removed or unmounted."""
-    from conftest import fuse_missing
+    from tests.support.mount import fuse_missing
 
     if fuse_missing():
         pytest.skip(fuse_missing() or "")
