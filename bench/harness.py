@@ -27,8 +27,9 @@ from tests.support.nginx import Nginx as NginxServer
 from tests.support.nginx import start_nginx as start_nginx_retrying
 from tests.support.procs import RssSampler as RssSampler  # (re-exported for run.py)
 from tests.support.procs import cpu_seconds as cpu_seconds  # (re-exported for run.py)
-from tests.support.router import RouterProcess
-from tests.support.sshfs import Sshd, SshfsMount
+from tests.support.router import RouterProcess as RouterProcess  # (re-exported for run.py)
+from tests.support.sshfs import Sshd
+from tests.support.sshfs import SshfsMount as SshfsMount  # (re-exported for run.py)
 from tests.support.sshfs import sshfs_available as sshfs_available  # (re-exported for run.py)
 
 ROOT = Path(__file__).resolve().parent.parent

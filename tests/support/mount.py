@@ -108,6 +108,11 @@ class Mount:
         self.stop()
 
     @property
+    def mnt(self) -> Path:
+        """Transitional: the bench's name for `path`, for bench cases written before tests.support."""
+        return self.path
+
+    @property
     def pid(self) -> int:
         assert self.proc is not None, "not started"
         return self.proc.pid

@@ -223,7 +223,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         models: list[tuple[str, int | None]] = [*list_models(self.server.models_dir),
                                                 *((n, None) for n in faults.faults.list_extra or ())]
         key = "name" if self.server.list_format == "array" else "id"
-        entries = [{key: n, "status": "ready"} for n, _ in models]
+        entries: list[dict[str, str | int | None]] = [{key: n, "status": "ready"} for n, _ in models]
         if faults.faults.list_sizes:
             for entry, (_, size) in zip(entries, models, strict=True):
                 entry["size_bytes"] = size
