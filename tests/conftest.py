@@ -110,18 +110,19 @@ def router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
     """`nginx(router_port)` → the shipped caching proxy in front of that router; `nginx(models_dir=DIR,
-    limit_rate=None)` → a plain nginx serving DIR (tests.support.nginx). All are stopped at teardown."""
+    limit_rate=None, tls=None)` → a plain nginx serving DIR (tests.support.nginx). All are stopped at teardown."""
     if shutil.which("nginx") is None:
         pytest.skip("nginx not installed")
     started: list[Nginx] = []
 
-    def start(router_port: int | None = None, models_dir: Path | None = None, limit_rate: str | None = None) -> Nginx:
+    def start(router_port: int | None = None, models_dir: Path | None = None, limit_rate: str | None = None,
+              tls: tuple[Path, Path] | None = None) -> Nginx:
         prefix = tmp_path / f"nginx{len(started)}"
         if models_dir is None:
             assert router_port is not None, "nginx(router_port) or nginx(models_dir=...)"
             started.append(start_nginx(lambda: Nginx.shipped(prefix, router_port)))
         else:
-            started.append(start_nginx(lambda: Nginx.models(prefix, models_dir, limit_rate)))
+            started.append(start_nginx(lambda: Nginx.models(prefix, models_dir, limit_rate, tls=tls)))
         return started[-1]
 
     yield start

@@ -76,10 +76,11 @@ http {{
         return cls(prefix, snippet, port)
 
     @classmethod
-    def models(cls, prefix: Path, models_dir: Path, limit_rate: str | None = None,
-               model_list: bool = False) -> Nginx:
-        """A plain server of `models_dir` in the llmlb API: `/v0/models/blob/<name>` (Range natively), with
-        `model_list` also `/v0/models` as of now; each connection limited to `limit_rate` (e.g. "2m") if given."""
+    def models(cls, prefix: Path, models_dir: Path, limit_rate: str | None = None, model_list: bool = False,
+               tls: tuple[Path, Path] | None = None) -> Nginx:
+        """A plain server of `models_dir`, Range natively: in the llmlb API (`/v0/models/blob/<name>`, with
+        `model_list` also `/v0/models` as of now) and as a plain export (`/<name>/model.gguf`); each connection
+        limited to `limit_rate` (e.g. "2m") if given; over TLS with `tls` (certificate and key files)."""
         prefix.mkdir(parents=True, exist_ok=True)
         port = free_port()
         listing = ""
@@ -87,15 +88,20 @@ http {{
             models = [{"id": name, "size_bytes": size} for name, size in list_models(models_dir)]
             (prefix / "models.json").write_text(json.dumps({"data": models}))
             listing = f"location = /v0/models {{ default_type application/json; alias {prefix}/models.json; }}"
-        return cls(prefix, f"""\
+        server = cls(prefix, f"""\
 sendfile on;
 server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port}{" ssl" if tls else ""};
+    {f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};" if tls else ""}
     {f"limit_rate {limit_rate};" if limit_rate else ""}
     location ~ ^{BLOB_PREFIX}(.+)$ {{ alias {models_dir}/$1/model.gguf; }}
     {listing}
+    location / {{ root {models_dir}; }}
 }}
 """, port)
+        if tls:
+            server.url = f"https://127.0.0.1:{port}"
+        return server
 
     def log_lines(self, uri: str) -> list[str]:
         """Access log lines of requests for `uri` (as sent, percent-encoded)."""
