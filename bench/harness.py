@@ -1,38 +1,38 @@
-"""Bench infrastructure: timed commands, page-cache control and inspection, and the processes a bench run owns.
+"""Bench infrastructure: timed commands, statistics, page-cache control and inspection, daemon profiles, and the
+cleanup of everything a bench run starts.
 
-Everything started here is registered with a `Janitor` so that a bench run always unmounts (`fusermount3 -u -z`)
-and stops every process it started, whatever happens. Nothing here knows about the cases (see run.py).
+The components themselves (the modelfs mount, test router, sshfs, nginx, GGUF files, process sampling) come from
+tests.support; here they are only registered with a `Janitor`, so that a bench run always unmounts and stops
+every process it started, whatever happens. Nothing here knows about the cases (see run.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import os
-import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.support.ggufmaker import make_gguf_of_size as make_gguf_of_size  # (re-exported for run.py)
+from tests.support.mount import Mount
+from tests.support.nginx import Nginx as NginxServer
+from tests.support.nginx import start_nginx as start_nginx_retrying
+from tests.support.procs import RssSampler as RssSampler  # (re-exported for run.py)
+from tests.support.procs import cpu_seconds as cpu_seconds  # (re-exported for run.py)
+from tests.support.router import RouterProcess as RouterProcess  # (re-exported for run.py)
+from tests.support.sshfs import Sshd
+from tests.support.sshfs import SshfsMount as SshfsMount  # (re-exported for run.py)
+from tests.support.sshfs import sshfs_available as sshfs_available  # (re-exported for run.py)
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from ggufmaker import make_gguf_of_size as make_gguf_of_size  # noqa: E402  (re-exported for run.py)
-from router_server import RouterProcess as RouterProcess  # noqa: E402  (re-exported for run.py)
-from router_server import list_models  # noqa: E402
-from sshfs import Sshd, is_mounted  # noqa: E402
-from sshfs import SshfsMount as SshfsMount  # noqa: E402  (re-exported for run.py)
-from sshfs import sshfs_available as sshfs_available  # noqa: E402  (re-exported for run.py)
-
 PYTHON = sys.executable
 PAGE = mmap.PAGESIZE
 MIB = 1 << 20
@@ -119,54 +119,6 @@ def cached_bytes(path: Path) -> int:
         os.close(fd)
 
 
-# Processes.
-
-
-def proc_status(pid: int, key: str) -> int:
-    """A `kB` field of /proc/PID/status in bytes (VmRSS, VmHWM); 0 when the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all threads) so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class RssSampler:
-    """Samples a process's VmRSS every `interval` seconds in a thread; `peak` is the largest seen."""
-
-    def __init__(self, pid: int, interval: float = 0.01) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, proc_status(self.pid, "VmRSS"))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, proc_status(self.pid, "VmRSS"))
-
-
 class Janitor:
     """Cleanup actions, run last-in first-out; each runs even if an earlier one fails."""
 
@@ -177,11 +129,6 @@ class Janitor:
         self._actions.append((what, action))
         return action
 
-    def run_now(self, action: Callable[[], None]) -> None:
-        """Run one registered action early and forget it."""
-        self._actions = [(w, a) for w, a in self._actions if a is not action]
-        action()
-
     def close(self) -> None:
         while self._actions:
             what, action = self._actions.pop()
@@ -191,103 +138,37 @@ class Janitor:
                 print(f"bench: cleanup of {what} failed: {exc}", file=sys.stderr)
 
 
-def fuse_unmount(path: Path) -> None:
-    if is_mounted(str(path)):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=30)
+def start_mount(janitor: Janitor, mnt: Path, store: Path, args: Sequence[str], log: Path,
+                settings: dict[str, str] | None = None, code: Path | None = None) -> Mount:
+    """A started modelfs mount (tests.support.mount), stopped by the janitor unless stopped earlier. Without a
+    supervisor: the process started is the serving daemon, whose CPU, RSS and profile the bench measures."""
+    m = Mount(mnt, store, ["--no-supervisor", *args], log, settings, code=code)
+    janitor.push(f"mount {mnt}", m.stop)
+    return m.start()
 
 
-class Modelfs:
-    """One `modelfs mount --foreground` daemon. With `levers`, it runs under bench/levers.py (experiments)."""
+class Profile:
+    """py-spy recording a daemon (native frames too: most of its time is in libfuse and pyfuse3, Cython code that
+    is invisible otherwise) into `out` until `stop()`, which the janitor calls at the latest."""
 
-    def __init__(self, janitor: Janitor, mnt: Path, store: Path, args: Sequence[str], log: Path,
-                 levers: Sequence[str] = (), trace: Path | None = None, profile: Path | None = None,
-                 settings: dict[str, str] | None = None, code: Path | None = None) -> None:
-        self.mnt = mnt
-        self.store = store
-        mnt.mkdir(parents=True, exist_ok=True)
-        store.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELFS_", "LLM_"))}
-        env.update(settings or {})  # MODELFS_* settings of this daemon
-        if code is not None:  # run a snapshot of modelfs/, not the work tree (which may change during a run)
-            env["PYTHONPATH"] = str(code)
-        if levers or trace:
-            cmd = [PYTHON, str(ROOT / "bench" / "levers.py")]
-            env["BENCH_MODELFS_LEVERS"] = ",".join(levers)
-            if trace:
-                env["BENCH_MODELFS_TRACE"] = str(trace)
-        else:
-            cmd = [PYTHON, "-m", "modelfs"]
-        self.log = log
-        with open(log, "ab") as out:
-            # --no-supervisor: this process is the serving daemon (its CPU, RSS, levers and profile are measured).
-            self.proc = subprocess.Popen([*cmd, "mount", str(mnt), "--store", str(store), "--foreground",
-                                          "--no-supervisor", *args],
-                                         stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env,
-                                         cwd=code or ROOT)
-        self._cleanup = janitor.push(f"mount {mnt}", self._stop)
-        self._janitor = janitor
-        deadline = time.monotonic() + 20
-        while not is_mounted(str(mnt)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"modelfs did not mount {mnt}:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.01)
-        os.stat(mnt)  # answered only once the daemon serves, i.e. after its own start-up (read-ahead) is done
-        self.spy: subprocess.Popen[bytes] | None = None
-        if profile is not None:
-            # Native frames too: most of the daemon's time is in libfuse/pyfuse3 (Cython), invisible otherwise.
-            self.spy = subprocess.Popen([py_spy(), "record", "--pid", str(self.pid), "--rate", "250", "--native",
-                                         "--threads", "--format", "raw", "--output", str(profile)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1.0)  # py-spy attaches asynchronously
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def model(self, name: str) -> Path:
-        return self.mnt / f"{name}.gguf"
-
-    def bdi(self) -> Path:
-        """The mount's backing-device-info directory, where read_ahead_kb lives."""
-        dev = os.stat(self.mnt).st_dev
-        return Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}")
-
-    def read_ahead_kb(self) -> int:
-        return int((self.bdi() / "read_ahead_kb").read_text())
-
-    def set_read_ahead_kb(self, kb: int) -> None:
-        """Set the mount's read-ahead, which bounds the size of the kernel's FUSE read requests (up to 1 MiB)."""
-        (self.bdi() / "read_ahead_kb").write_text(f"{kb}\n")
-
-    def peak_rss(self) -> int:
-        return proc_status(self.pid, "VmHWM")
-
-    def _stop(self) -> None:
-        if self.spy is not None and self.spy.poll() is None:
-            self.spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            try:
-                self.spy.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.spy.kill()
-                self.spy.wait()
-        fuse_unmount(self.mnt)
-        if self.proc.poll() is None:
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+    def __init__(self, janitor: Janitor, pid: int, out: Path) -> None:
+        found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not os.access(found, os.X_OK):
+            raise RuntimeError("py-spy not found: .venv/bin/pip install py-spy")
+        self.proc = subprocess.Popen([found, "record", "--pid", str(pid), "--rate", "250", "--native", "--threads",
+                                      "--format", "raw", "--output", str(out)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        janitor.push(f"py-spy of {pid}", self.stop)
+        time.sleep(1.0)  # py-spy attaches asynchronously
 
     def stop(self) -> None:
-        self._janitor.run_now(self._cleanup)
-
-
-def py_spy() -> str:
-    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not os.access(found, os.X_OK):
-        raise RuntimeError("py-spy not found: .venv/bin/pip install py-spy")
-    return found
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def profile_summary(path: Path, top: int = 12) -> list[str]:
@@ -320,95 +201,22 @@ def profile_summary(path: Path, top: int = 12) -> list[str]:
     return lines
 
 
-class Nginx:
-    """nginx serving DIR in the llmlb API: `/v0/models/blob/<name>` → DIR/<name>/model.gguf, and `/v0/models`;
-    each connection limited to `limit_rate` (nginx syntax, "25m") when given."""
-
-    def __init__(self, janitor: Janitor, models_dir: Path, workdir: Path, limit_rate: str | None = None) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        models = [{"id": name, "size_bytes": size} for name, size in list_models(models_dir)]
-        (workdir / "models.json").write_text(json.dumps({"data": models}))  # the list, as of start-up
-        port = _free_port()
-        conf = workdir / "nginx.conf"
-        conf.write_text(f"""
-daemon off;
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {workdir}/access.log;
-    client_body_temp_path {workdir}/tmp; proxy_temp_path {workdir}/tmp; fastcgi_temp_path {workdir}/tmp;
-    uwsgi_temp_path {workdir}/tmp; scgi_temp_path {workdir}/tmp;
-    sendfile on; tcp_nopush on; keepalive_timeout 65;
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{port};
-        {f"limit_rate {limit_rate};" if limit_rate else ""}
-        location ~ ^/v0/models/blob/(.+)$ {{ alias {models_dir}/$1/model.gguf; }}
-        location = /v0/models {{ default_type application/json; alias {workdir}/models.json; }}
-        location / {{ return 404; }}
-    }}
-}}
-""")
-        (workdir / "tmp").mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        janitor.push("nginx", self.stop)
-        self.url = f"http://127.0.0.1:{port}"
-        self.access_log = workdir / "access.log"
-        self._log_start = 0
-        _wait_port(port, self.proc)
-
-    def reset(self) -> None:
-        """Count bytes sent from now on."""
-        self._log_start = self.access_log.stat().st_size if self.access_log.exists() else 0
-
-    def bytes_sent(self, name: str) -> int:
-        """Body bytes sent for blob `name` since reset(), from the access log (written when a request ends)."""
-        with open(self.access_log, "rb") as log:
-            log.seek(self._log_start)
-            text = log.read().decode(errors="replace")
-        wanted = "/v0/models/blob/" + name
-        found = re.finditer(r'"GET (/v0/models/blob/\S+) [^"]*" \d+ (\d+)', text)
-        return sum(int(m.group(2)) for m in found if urllib.parse.unquote(m.group(1)) == wanted)  # %2F or /
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    import socket
-
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server on port {port} did not start") from None
-            time.sleep(0.02)
-
-
 def start_router(janitor: Janitor, models_dir: Path) -> RouterProcess:
+    """The test router (llmlb flavour: it ignores Range) serving `models_dir`."""
     router = RouterProcess(models_dir, flavour="llmlb")
     janitor.push("router", router.stop)
     return router
+
+
+def start_nginx(janitor: Janitor, models_dir: Path, workdir: Path, limit_rate: str | None = None) -> NginxServer:
+    """nginx serving `models_dir` in the llmlb API (Range natively, the model list as of now), each connection
+    limited to `limit_rate` (nginx syntax, "25m") when given."""
+    server = start_nginx_retrying(lambda: NginxServer.models(workdir, models_dir, limit_rate, model_list=True))
+    janitor.push("nginx", server.stop)
+    return server
+
+
+Nginx = start_nginx  # transitional: the name (and arguments) bench cases used before tests.support
 
 
 def start_sshfs(janitor: Janitor, remote_dir: Path, mountpoint: Path, direct_io: bool = True) -> SshfsMount:

@@ -1,6 +1,6 @@
 """Listing bench: do listings cost what they list? (issue 13)
 
-    .venv/bin/python bench/listing.py [--store-models 10000] [--shared-models 5000] [--prefixes 100] [--reps 5]
+    .venv/bin/python -m bench.listing [--store-models 10000] [--shared-models 5000] [--prefixes 100] [--reps 5]
 
 Grows a tree of tiny models (the store and one shared directory, plain local directories, `org<N>/<model>` in the
 llmlb layout, every seventh one flat), mounts modelfs over them, and times against the direct path:
@@ -8,7 +8,8 @@ llmlb layout, every seventh one flat), mounts modelfs over them, and times again
 /models -ls` (which, unlike `ls -l`, sends no `getxattr` per entry), and `modelfs status`. Every timed command
 is a fresh process; runs are 1.1 s apart so the kernel's 1 s entry cache has expired and every run reaches the
 daemon. Targets: `ls -l` of a prefix ≤ 50 ms, `ls -lR` ≤ 3× `find`,
-status ≤ 3 s. Root only (FUSE). Everything is made in bench/out/listing-PID and removed at the end.
+status ≤ 3 s. From the repository root, as root (FUSE). Everything is made in bench/out/listing-PID and removed
+at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import PYTHON, ROOT, Janitor, Modelfs, median, rmtree, spread, timed
+from bench.harness import MIB, PYTHON, ROOT, Janitor, median, rmtree, spread, start_mount, timed
 
 
 def grow(root: Path, models: int, prefixes: int, tag: str) -> None:
@@ -53,7 +54,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     if os.geteuid() != 0:
-        print("bench/listing.py runs as root (FUSE)", file=sys.stderr)
+        print("bench.listing runs as root (FUSE)", file=sys.stderr)
         return 2
     work = ROOT / "bench" / "out" / f"listing-{os.getpid()}"
     janitor = Janitor()
@@ -65,7 +66,7 @@ def main() -> int:
         grow(shared, args.shared_models, args.prefixes, "h")
         print(f"tree: {args.store_models} store + {args.shared_models} shared models in {args.prefixes} prefixes, "
               f"grown in {time.monotonic() - started:.1f}s")
-        m = Modelfs(janitor, mnt, store, ["--shared", str(shared)], work / "modelfs.log")
+        m = start_mount(janitor, mnt, store, ["--shared", str(shared)], work / "modelfs.log")
         prefix = "org42" if args.prefixes > 42 else "org0"
         listing = subprocess.run(["ls", "-l", str(mnt / prefix)], capture_output=True, text=True, check=True)
         entries = len(listing.stdout.splitlines()) - 1
@@ -83,7 +84,7 @@ def main() -> int:
         find_mount = runs(["find", str(mnt), "-ls"], args.reps)
         ls_r_direct = runs(["ls", "-lR", str(store), str(shared)], args.reps)
         stat_status = runs([PYTHON, "-m", "modelfs", "status", str(mnt)], args.reps)
-        rss = int(Path(f"/proc/{m.pid}/status").read_text().split("VmHWM:")[1].split()[0]) // 1024
+        rss = m.peak_rss() // MIB
         m.stop()
         print()
         print(f"{'measurement':48} {'median s':>9}  target")

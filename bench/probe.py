@@ -1,6 +1,6 @@
 """Work the bench runs in a fresh child process, timed from inside (interpreter start-up excluded).
 
-`python bench/probe.py TASK ARGS...` prints one JSON object:
+`python -m bench.probe TASK ARGS...` (from the repository root) prints one JSON object:
   mmap-touch PATH [byte]     mmap the file and touch every page (or read every byte) → {"seconds"}
   gguf-load PATH             gguf.GGUFReader (mmap) + touch every page of every tensor → {"seconds", "tensors"}
   stat-missing DIR N PREFIX  stat DIR/PREFIX<i>.gguf for i < N, each once (expect ENOENT) → {"ms": [...]}
@@ -18,9 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import MIB, PAGE, cached_bytes, cached_bytes_fd  # noqa: E402
+from bench.harness import MIB, PAGE, cached_bytes, cached_bytes_fd
 
 
 def mmap_touch(path: str, every: str = "page") -> dict[str, float]:

@@ -1,12 +1,12 @@
 """modelfs benchmark: every case compares modelfs with the direct path in the same run and prints one table.
 
-    .venv/bin/python bench/run.py --size 1G [--size 8G] [--quick] [--cases warm,first,...] [--levers] [--profile]
+    .venv/bin/python -m bench.run --size 1G [--size 8G] [--quick] [--cases warm,first,...] [--profile] [--check]
 
-It creates its own GGUF files, router (the test router server, or nginx with --server nginx), sshd + sshfs and
-modelfs mounts in a work directory on the disk of the repository (removed at the end), runs each case as
-interleaved A/B repetitions (median reported) and never leaves a mount or a process behind. Root only (page
-cache control, FUSE, sshd). --levers adds experiments: modelfs with one change patched in (bench/levers.py) or
-a sysfs knob set, each against unmodified modelfs, interleaved. See bench/README.md.
+From the repository root. It creates its own GGUF files, router (the test router, or nginx with --server nginx),
+sshd + sshfs and modelfs mounts (all from tests.support) in a work directory on the disk of the repository
+(removed at the end), runs each case as interleaved A/B repetitions (median reported) and never leaves a mount or
+a process behind, also when stopped by SIGINT or SIGTERM. Root only (page cache control, FUSE, sshd). --check
+fails the run unless its table has every row of every case run, each with its figure. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -17,23 +17,23 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from harness import (
+from bench.harness import (
     MIB,
     PYTHON,
     ROOT,
     Janitor,
-    Modelfs,
     Nginx,
+    Profile,
     RouterProcess,
     RssSampler,
     SshfsMount,
@@ -48,87 +48,54 @@ from harness import (
     rmtree,
     spread,
     sshfs_available,
+    start_mount,
     start_router,
     start_sshfs,
     timed,
     warm,
 )
+from bench.report import Row, chart, check, machine, table
+from tests.support.mount import Mount
 
 LOCAL = "bench/local"  # in the store: DIR/bench/local/model.gguf
 REMOTE = "bench/remote"  # only on the router (and on the sshfs share)
-PROBE = [PYTHON, str(ROOT / "bench" / "probe.py")]
+PROBE = [PYTHON, "-m", "bench.probe"]  # run from ROOT
 CASES = ("warm", "first", "sshfs", "fetch", "nginx", "load", "localload", "readers", "mmap", "stat", "rss",
          "pagecache", "hung")
+#: The rows each case prints, by a distinctive part of their label. --check requires each of them, each with its
+#: figure: a ratio to the direct path, or, for a row whose target is an absolute figure, that figure measured
+#: against it. A case that prints a row not listed here fails the check too: a new row is declared here.
+ROWS = {
+    "warm": ("warm read",),
+    "first": ("first read via fresh mount", "daemon CPU per GiB read"),
+    "sshfs": ("sshfs, default I/O", "sshfs -o direct_io"),
+    "fetch": ("open → last byte",),
+    "nginx": ("cold fetch from nginx", "nginx 25 MB/s per connection (8 streams", "first MiB at offset 0"),
+    "load": ("cold load",),
+    "localload": ("local model: GGUFReader + all tensors (backing dropped", "local model: GGUFReader + all tensors "
+                  "(backing cached"),
+    "readers": ("concurrent cold readers: wall", "concurrent cold readers: router bytes sent"),
+    "mmap": ("mmap + touch every page: first", "mmap + touch every page: warm", "mmap read of every byte"),
+    "stat": ("stat of a missing name",),
+    "rss": ("daemon peak RSS",),
+    "pagecache": ("page cache after a full read",),
+    "hung": ("beside a stalled router HEAD", "beside a hung shared dir"),
+}
 
 Result = dict[str, float]
 
 
 @dataclass(frozen=True)
 class Lever:
-    """A change to modelfs measured against the daemon as it is: patches (bench/levers.py), a read-ahead written
-    to the mount's sysfs bdi after mounting, and/or MODELFS_* settings."""
+    """A daemon measured with MODELFS_* settings of its own (the daemon path, a number of streams...)."""
 
     name: str
-    patches: tuple[str, ...] = ()
-    read_ahead_kb: int | None = None
     settings: tuple[tuple[str, str], ...] = ()
 
 
 BASE = Lever("as is")
 #: The daemon read path, measured beside BASE (passthrough wherever the kernel allows it) in every read case.
 DAEMON = Lever("daemon path", settings=(("MODELFS_PASSTHROUGH", "off"),))
-LEVERS = {
-    "ra128": Lever("read_ahead_kb=128 (kernel default)", read_ahead_kb=128),
-    "ra1024": Lever("read_ahead_kb=1024", read_ahead_kb=1024),
-    "ra4096": Lever("read_ahead_kb=4096", read_ahead_kb=4096),
-    "keep_cache": Lever("keep_cache=True on every open", ("keep_cache",)),
-    "thread": Lever("local pread in trio.to_thread", ("thread",)),
-    "inline_shared": Lever("shared pread inline (no thread)", ("inline_shared",)),
-    "keep_backing": Lever("keep backing pages (no DONTNEED)", settings=(("MODELFS_DROP_BACKING_CACHE", "false"),)),
-    "httpx64k": Lever("httpcore 64 KiB socket reads", ("httpx64k",)),
-    "no_lowat": Lever("SO_RCVLOWAT left at 1 on blob sockets", ("no_lowat",)),
-    "streams1": Lever("download_streams=1", settings=(("MODELFS_DOWNLOAD_STREAMS", "1"),)),
-    "ra_fix": Lever("modelfs read-ahead set after FUSE_INIT", ("ra_fix",)),
-}
-#: (case, lever, metric, higher is better)
-EXPERIMENTS = [
-    ("first", "ra128", "MB/s", True),
-    ("first", "ra1024", "MB/s", True),
-    ("first", "ra4096", "MB/s", True),
-    ("first", "ra_fix", "MB/s", True),
-    ("first", "thread", "MB/s", True),
-    ("first", "keep_backing", "MB/s", True),
-    ("pagecache", "keep_backing", "ratio", False),
-    ("sshfs", "ra4096", "MB/s", True),
-    ("sshfs", "inline_shared", "MB/s", True),
-    ("fetch", "httpx64k", "MB/s", True),
-    ("fetch", "no_lowat", "MB/s", True),
-    ("fetch", "streams1", "MB/s", True),
-    ("fetch", "ra4096", "MB/s", True),
-    ("fetch", "keep_cache", "reread MB/s", True),
-    ("readers", "ra4096", "wall s", False),
-    ("readers", "ra_fix", "wall s", False),
-    ("readers", "keep_cache", "wall s", False),
-    ("mmap", "ra4096", "first MB/s", True),
-    ("load", "ra4096", "s", False),
-    ("load", "ra_fix", "s", False),
-]
-
-
-@dataclass
-class Row:
-    """One line of the table. `modelfs` is the mount as configured by default (passthrough where the kernel allows
-    it); read cases also measure the daemon read path (`daemon`, `daemon_ratio`), for the table and the chart."""
-
-    case: str
-    modelfs: str
-    direct: str
-    ratio: float | None
-    target: str
-    met: bool | None
-    daemon: str = ""
-    daemon_ratio: float | None = None
-    higher: bool = True  # whether the ratio is of a throughput (else of a time)
 
 
 @dataclass
@@ -153,6 +120,8 @@ class Bench:
     router: RouterProcess | None = None  # the test router (faults), None with --server nginx
     code: Path | None = None
     read_ahead: set[int] = field(default_factory=set)
+    profiles: list[Profile] = field(default_factory=list)
+    case_rows: dict[str, list[Row]] = field(default_factory=dict)  # the rows each case printed, for --check
 
     @property
     def local(self) -> Path:
@@ -166,22 +135,21 @@ class Bench:
         return self.size / seconds / 1e6
 
     def mount(self, lever: Lever, store: Path | None = None, args: tuple[str, ...] = (),
-              profile: str | None = None, trace: str | None = None, mnt: str = "mnt") -> Modelfs:
-        out = self.work.parent
-        m = Modelfs(self.janitor, self.work / mnt, store or self.work / "store", args, self.work / "modelfs.log",
-                    lever.patches, profile=out / f"profile-{profile}.txt" if profile else None,
-                    trace=out / f"trace-{trace}.json" if trace else None, settings=dict(lever.settings),
-                    code=self.code)
+              profile: str | None = None, mnt: str = "mnt") -> Mount:
+        """A fresh daemon (stopped by the janitor at the latest), recorded by py-spy into
+        bench/out/profile-`profile`.txt if asked."""
+        m = start_mount(self.janitor, self.work / mnt, store or self.work / "store", args, self.work / "modelfs.log",
+                        dict(lever.settings), code=self.code)
         # modelfs sets read-ahead just after the kernel's handshake, a moment after the mount appears: wait for it
         # (up to 2 s), so no timed run starts in that window.
-        os.stat(m.mnt)
+        os.stat(m.path)
         deadline = time.monotonic() + 2
         while m.read_ahead_kb() == 128 and time.monotonic() < deadline:
             time.sleep(0.01)
         self.read_ahead.add(m.read_ahead_kb())
-        if lever.read_ahead_kb:
-            m.set_read_ahead_kb(lever.read_ahead_kb)
-        state = passthrough_state(m.mnt)
+        if profile is not None:  # py-spy ends with the daemon, or at the latest in run_size
+            self.profiles.append(Profile(self.janitor, m.pid, self.work.parent / f"profile-{profile}.txt"))
+        state = passthrough_state(m.path)
         if state.get("active") is not wants_passthrough(lever):
             m.stop()
             raise RuntimeError(f"modelfs ({lever.name}) mounted with passthrough {state}; this bench measures "
@@ -253,9 +221,14 @@ def passthrough_state(mnt: Path) -> dict[str, object]:
 
 
 def file_io(path: Path) -> str:
-    """`user.modelfs.io` of a model while it is open: "passthrough" or "daemon"."""
+    """The I/O path of a model while it is open: "passthrough" or "daemon" (`user.modelfs.io` without the reason a
+    fallback adds, "daemon (filesystem cannot map files shared)")."""
     with open(path, "rb"):
-        return os.getxattr(path, "user.modelfs.io").decode()
+        return io_path(os.getxattr(path, "user.modelfs.io").decode())
+
+
+def io_path(value: str) -> str:
+    return value.split(" (", 1)[0]
 
 
 def wait_promoted(store: Path, timeout: float = 600) -> None:
@@ -301,9 +274,9 @@ def case_warm(b: Bench) -> None:
                             daemon=daemon["MB/s"]))
 
 
-def first_read(b: Bench, lever: Lever, profile: str | None = None, trace: str | None = None) -> Result:
+def first_read(b: Bench, lever: Lever, profile: str | None = None) -> Result:
     """A fresh mount reads the local model once; its backing file is in the page cache."""
-    m = b.mount(lever, profile=profile, trace=trace)
+    m = b.mount(lever, profile=profile)
     try:
         prefault(b.size)
         b.warm(b.local)
@@ -336,8 +309,6 @@ def case_first(b: Bench) -> None:
                       cpu <= 0.01, daemon=f"{daemon_cpu:.3f} s"))
     if b.profile:
         first_read(b, BASE, profile="first")
-        first_read(b, BASE, trace="first")
-        first_read(b, LEVERS["ra4096"], trace="first-ra4096")
 
 
 def sshfs_read(b: Bench, lever: Lever, profile: str | None = None, share: Path | None = None) -> Result:
@@ -403,7 +374,7 @@ def case_sshfs(b: Bench) -> None:
     b.note(f"sshfs -o direct_io read: modelfs (auto, falls back to the daemon path) MB/s "
            f"{spread(mine['MB/s'], '{:.0f}')} (daemon CPU {spread(mine['cpu s/GiB'], '{:.2f}')} s/GiB), "
            f"--passthrough off {spread(daemon['MB/s'], '{:.0f}')}, sshfs directly {spread(plain['MB/s'], '{:.0f}')} "
-           "(sshfs with direct_io and no caches, as in tests/sshfs.py; server file cached)")
+           "(sshfs with direct_io and no caches, as in tests/support/sshfs.py; server file cached)")
     b.rows.append(ratio_row("shared dir (sshfs -o direct_io) read via mount (daemon fallback)", "MB/s", mine["MB/s"],
                             plain["MB/s"], 0.9, daemon=daemon["MB/s"]))
     if b.profile:
@@ -416,11 +387,11 @@ def sshfs_direct(b: Bench, share: Path) -> Result:
     return {"MB/s": b.mb_s(cat(share / REMOTE / "model.gguf"))}
 
 
-def cold_fetch(b: Bench, lever: Lever, profile: str | None = None, trace: str | None = None) -> Result:
+def cold_fetch(b: Bench, lever: Lever, profile: str | None = None) -> Result:
     """Fresh store and mount; `cat` of the router-only model (open → last byte), then a second `cat`."""
     store = b.work / "cold-store"
     rmtree(store)
-    m = b.mount(lever, store, ("--router", b.url), profile=profile, trace=trace)
+    m = b.mount(lever, store, ("--router", b.url), profile=profile)
     try:
         prefault(2 * b.size)
         b.warm(b.remote)  # the router serves from its page cache, for curl too
@@ -457,7 +428,6 @@ def case_fetch(b: Bench) -> None:
     b.rows.append(ratio_row("cold fetch: open → last byte (cat vs curl -o)", "MB/s", mine["MB/s"], curl["MB/s"], 0.9))
     if b.profile:
         cold_fetch(b, BASE, profile="fetch")
-        cold_fetch(b, BASE, trace="fetch")
 
 
 def first_and_last(path: Path) -> tuple[float, float]:
@@ -537,7 +507,7 @@ def case_nginx(b: Bench) -> None:
 
 
 def probe(*args: str) -> dict[str, object]:
-    out = subprocess.run([*PROBE, *args], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([*PROBE, *args], check=True, capture_output=True, text=True, cwd=ROOT).stdout
     result: dict[str, object] = json.loads(out)
     return result
 
@@ -719,8 +689,8 @@ def stat_missing(b: Bench, lever: Lever | None) -> list[float]:
         return ms
     m = b.mount(lever, b.work / "empty-store", ("--router", b.url))
     try:
-        os.stat(m.mnt)
-        ms = probe("stat-missing", str(m.mnt), str(b.missing), "missing-")["ms"]  # type: ignore[assignment]
+        os.stat(m.path)
+        ms = probe("stat-missing", str(m.path), str(b.missing), "missing-")["ms"]  # type: ignore[assignment]
     finally:
         m.stop()
     return ms
@@ -759,7 +729,7 @@ def page_cache(b: Bench, lever: Lever) -> Result:
         got = probe("read-cache", str(m.model(LOCAL)), str(b.local))
     finally:
         m.stop()
-    io = got.pop("io")
+    io = io_path(str(got.pop("io")))
     if io != ("passthrough" if wants_passthrough(lever) else "daemon"):
         raise RuntimeError(f"page cache run ({lever.name}) was served by {io}")
     share = {key: int(value) / b.size for key, value in got.items()}  # type: ignore[call-overload]
@@ -806,7 +776,7 @@ def beside_hung_lookup(b: Bench, lever: Lever | None, fault: str) -> Result:
     m = b.mount(lever, args=args)
     hung: subprocess.Popen[bytes] | None = None
     try:
-        os.stat(m.mnt / "bench")  # the directory's own lookup (store) is not what is measured
+        os.stat(m.path / "bench")  # the directory's own lookup (store) is not what is measured
         deadline = time.monotonic() + 10
         if fault == "router":
             assert b.router is not None
@@ -874,93 +844,7 @@ def case_hung(b: Bench) -> None:
                           daemon=f"{d:.1f} ms"))
 
 
-def lever_run(b: Bench, case: str) -> Callable[[Lever], Result]:
-    runs: dict[str, Callable[[Lever], Result]] = {
-        "first": lambda lever: first_read(b, lever),
-        "sshfs": lambda lever: sshfs_read(b, lever),
-        "fetch": lambda lever: cold_fetch(b, lever),
-        "readers": lambda lever: readers(b, lever, b.readers),
-        "mmap": lambda lever: mmap_mount(b, lever),
-        "load": lambda lever: cold_load(b, lever),
-        "pagecache": lambda lever: page_cache(b, lever),
-    }
-    return runs[case]
-
-
-def run_levers(b: Bench, cases: list[str]) -> list[str]:
-    """Each experiment: the daemon as is against the daemon with one change, interleaved, same run."""
-    lines = []
-    for case, key, metric, higher in EXPERIMENTS:
-        if case not in cases:
-            continue
-        lever = LEVERS[key]
-        if case == "sshfs":
-            if sshfs_available():
-                continue
-            ensure_sshfs(b)
-        runs = [partial(lever_run(b, case), BASE), partial(lever_run(b, case), lever)]
-        try:
-            base, changed = interleave(b, runs, 1 if case == "pagecache" else b.reps)
-        except RuntimeError as exc:  # a patch that no longer fits the code: the daemon refuses to start
-            line = f"{case:9} | {lever.name:45} | n/a: {str(exc).splitlines()[-1]}"
-        else:
-            before, after = median(base[metric]), median(changed[metric])
-            gain = after / before if before else float("nan")
-            line = (f"{case:9} | {lever.name:45} | {metric:11} | {before:9.2f} | {after:9.2f} | "
-                    f"{gain:5.2f}× ({'better' if (after > before) == higher else 'worse'})")
-            extra = [f"{k} {median(base[k]):.2f}→{median(changed[k]):.2f}" for k in base
-                     if k != metric and k in changed]
-            if extra:
-                line += "  [" + ", ".join(extra) + "]"
-        print(f"  lever: {line}", flush=True)
-        lines.append(line)
-    return lines
-
-
 # Setup, machine description, output.
-
-
-def chart(rows: list[Row], out: Path, subtitle: str) -> str:
-    """Grouped bars per read case: direct = 1.0, modelfs passthrough and daemon path as speed relative to it."""
-    drawn = [r for r in rows if r.ratio is not None and r.daemon_ratio is not None and r.case != "page cache after a "
-             "full read via mount"]
-    if not drawn:
-        return "chart: no case with the three paths measured"
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "chart skipped: matplotlib missing (.venv/bin/pip install -e '.[test]')"
-
-    def speed(ratio: float | None, higher: bool) -> float:
-        assert ratio is not None
-        return ratio if higher else 1 / ratio  # time ratios become speed: direct time / modelfs time
-
-    labels = [r.case.replace(" via mount", "").replace(" (daemon fallback)", "") for r in drawn]
-    groups = {"direct path": [1.0] * len(drawn),
-              "modelfs, passthrough (default)": [speed(r.ratio, r.higher) for r in drawn],
-              "modelfs, daemon path (--passthrough off)": [speed(r.daemon_ratio, r.higher) for r in drawn]}
-    colours = ("#9e9e9e", "#1f77b4", "#ff7f0e")
-    fig, ax = plt.subplots(figsize=(11, 0.75 * len(drawn) + 1.8))
-    height = 0.26
-    for i, ((name, values), colour) in enumerate(zip(groups.items(), colours, strict=True)):
-        ys = [n + (i - 1) * height for n in range(len(drawn))]
-        bars = ax.barh(ys, values, height, label=name, color=colour)
-        ax.bar_label(bars, [f"{v:.2f}" for v in values], padding=2, fontsize=7)
-    ax.set_yticks(range(len(drawn)), [textwrap.fill(label, 42) for label in labels], fontsize=8)
-    ax.invert_yaxis()
-    ax.axvline(1.0, color="black", linewidth=0.6, linestyle=":")
-    ax.set_xlabel("speed relative to the direct path, same run (1.0 = as fast as direct; higher is better)")
-    ax.set_xlim(0, max(1.25, max(max(v) for v in groups.values()) * 1.12))
-    ax.set_title(f"modelfs reads: FUSE passthrough vs daemon path vs direct\n{subtitle}", fontsize=10)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / len(drawn) - 0.02), ncol=3, fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return f"chart: {out}"
 
 
 def parse_size(text: str) -> int:
@@ -971,54 +855,12 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def machine() -> list[str]:
-    def version(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
-        except (OSError, IndexError):
-            return "?"
-
-    import pyfuse3
-
-    mem = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
-    commit = version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "modelfs"], capture_output=True,
-                           text=True).stdout.strip()
-    return [
-        f"modelfs at commit {commit}{' with uncommitted changes in modelfs/' if dirty else ''}",
-        f"nproc {os.cpu_count()}, {mem.split(':')[1].strip()} memory, kernel {platform.release()}, "
-        f"python {platform.python_version()}, pyfuse3 {pyfuse3.__version__}, "
-        f"libfuse {libfuse_version()} (the one pyfuse3 loaded), {version(['curl', '--version']).split(' (')[0]}",
-    ]
-
-
-def libfuse_version() -> str:
-    """The libfuse the daemon uses: the library file pyfuse3 loaded (a private build, not the system's fusermount3)."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        name = line.rsplit("/", 1)[-1]
-        if name.startswith("libfuse3.so."):
-            return name.removeprefix("libfuse3.so.")
-    return "?"
-
-
-def table(rows: list[Row]) -> list[str]:
-    header = ("case", "modelfs", "direct", "ratio", "target", "met?", "daemon path", "daemon ratio")
-    cells = [[r.case, r.modelfs, r.direct, "—" if r.ratio is None else f"{r.ratio:.2f}", r.target,
-              "—" if r.met is None else ("yes" if r.met else "NO"), r.daemon or "—",
-              "—" if r.daemon_ratio is None else f"{r.daemon_ratio:.2f}"] for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *cells, strict=True)]
-    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
-           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
-    return out
-
-
 def run_size(args: argparse.Namespace, size: int, cases: list[str], janitor: Janitor, work: Path,
              code: Path) -> Bench:
     b = Bench(size=size, reps=args.reps, readers=args.readers, missing=args.missing, work=work, janitor=janitor,
               server=args.server, profile=args.profile, code=code)
-    for old in [*work.parent.glob("profile-*.txt"), *work.parent.glob("trace-*.json")]:
-        old.unlink()  # profiles and traces are kept after the run (bench/out/), but never mixed with older ones
+    for old in work.parent.glob("profile-*.txt"):
+        old.unlink()  # profiles are kept after the run (bench/out/), but never mixed with older ones
     start = time.monotonic()
     make_gguf_of_size(b.local, size)
     b.remote.parent.mkdir(parents=True)
@@ -1044,17 +886,13 @@ def run_size(args: argparse.Namespace, size: int, cases: list[str], janitor: Jan
     }
     for case in cases:
         print(f"[{size / MIB:.0f} MiB] {case}", flush=True)
+        before = len(b.rows)
         functions[case](b)
+        b.case_rows[case] = b.rows[before:]
     b.raw.append(f"read_ahead_kb of the mounts as modelfs set it: {sorted(b.read_ahead)}")
-    if args.levers:
-        print(f"[{size / MIB:.0f} MiB] levers", flush=True)
-        b.raw.append("levers (case | change | metric | as is | with change | gain):")
-        b.raw += ["  " + line for line in run_levers(b, cases)]
     if args.profile:
-        for path in sorted(work.parent.glob("trace-*.json")):
-            sizes = json.loads(path.read_text())
-            b.raw.append(f"FUSE read request sizes, {path.stem.removeprefix('trace-')}: " +
-                         ", ".join(f"{int(k) // 1024} KiB × {v}" for k, v in sizes.items()))
+        for spy in b.profiles:
+            spy.stop()
         for name in ("first", "sshfs", "fetch", "readers"):
             path = work.parent / f"profile-{name}.txt"
             if path.exists():
@@ -1072,9 +910,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readers", type=int, help="concurrent readers (default 64, 8 with --quick)")
     parser.add_argument("--missing", type=int, default=200, help="missing names to stat (default 200)")
     parser.add_argument("--server", choices=("router", "nginx"), default="router",
-                        help="what serves the blobs to both modelfs and curl (default: tests/router_server.py)")
-    parser.add_argument("--levers", action="store_true", help="also measure each known lever against unmodified")
+                        help="what serves the blobs to both modelfs and curl (default: the test router)")
     parser.add_argument("--profile", action="store_true", help="py-spy the daemon in first read, sshfs, fetch")
+    parser.add_argument("--check", action="store_true", help="exit 1 unless the table has every row of every case "
+                        "run, each with its figure (what CI runs: --quick --check)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out",
                         help="where files are made (same disk as a real store; default bench/out)")
     args = parser.parse_args(argv)
@@ -1088,6 +927,8 @@ def main(argv: list[str] | None = None) -> int:
     args.reps = args.reps or (1 if args.quick else 3)
     args.readers = args.readers or (8 if args.quick else 64)
 
+    # `timeout` and CI stop a run with SIGTERM: clean up (unmount, stop every process) as on Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     began = time.monotonic()
     header = machine()  # before the run: the commit measured
     results: list[Bench] = []
@@ -1107,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         rmtree(code)
     print()
-    print("modelfs benchmark:", " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]))
+    print("modelfs benchmark:", " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]))
     for line in header:
         print(line)
     rows = [dataclasses.replace(r, case=f"[{b.size / MIB:.0f} MiB] {r.case}" if len(results) > 1 else r.case)
@@ -1125,7 +966,13 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(f"raw numbers ({b.size / MIB:.0f} MiB; median [min..max]):")
         print("\n".join(f"  {line}" for line in b.raw))
-    return 0
+    if not args.check:
+        return 0
+    problems = [f"[{b.size / MIB:.0f} MiB] {problem}" for b in results for problem in check(b.case_rows, ROWS)]
+    print()
+    print("\n".join(f"check: {problem}" for problem in problems) or
+          f"check: {sum(len(b.rows) for b in results)} rows of {len(cases)} case(s), each with its figure")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import gguf_bytes, write_model
 
 from modelfs.router import NotFound, RemoteModel, RouterError
+from tests.support.models import gguf_bytes, write_model
 
 MB = 1 << 20
 UNKNOWN = -1  # a list entry's size before a HEAD gave it (catalog.UNKNOWN)

@@ -24,12 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fuse_missing, gguf_bytes, wait_for, write_model
-from procs import stop_process
-from sshfs import is_mounted
 
 from modelfs import mounthelper
 from modelfs.config import Config, from_file
+from tests.support.models import gguf_bytes, write_model
+from tests.support.mount import BENIGN_ERRORS, fuse_missing, stop_daemon
+from tests.support.procs import free_port, wait_for
+from tests.support.sshfs import is_mounted
 
 MB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
@@ -68,10 +69,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def bad_log_lines(text: str) -> list[str]:
-    """ERRORs and tracebacks, less the benign libfuse line conftest.Mount explains (a reply to a dropped request)."""
+    """ERRORs and tracebacks, less the benign libfuse lines tests.support.mount explains (a reply to a dropped
+    request)."""
     return [line for line in text.splitlines()
             if ("Traceback" in line or " ERROR " in line or " CRITICAL " in line)
-            and "fuse_reply_* failed with No such file or directory" not in line]
+            and not any(benign in line for benign in BENIGN_ERRORS)]
 
 
 def unit_settings(path: Path) -> dict[str, list[str]]:
@@ -96,11 +98,6 @@ def stat_errno(path: Path) -> int:
     except OSError as exc:
         return exc.errno
     return 0
-
-
-def force_unmount(path: Path) -> None:
-    if is_mounted(str(path)):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=10)
 
 
 class Daemon:
@@ -148,14 +145,7 @@ class Daemon:
         return self.proc.wait(timeout=timeout)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            force_unmount(self.mountpoint)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        force_unmount(self.mountpoint)
+        stop_daemon(self.proc, self.mountpoint)
         self.sock.close()
 
 
@@ -506,107 +496,16 @@ def test_fstab_line_becomes_a_remote_fs_mount_unit(tmp_path):
 # --------------------------------------------------------------------------- a fleet behind a caching nginx
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def __getattr__(name: str) -> object:
+    """Transitional: the `nginx` fixture moved to conftest.py and `free_port` to tests.support.procs; tests that
+    still import them from here get them."""
+    if name == "nginx":
+        import conftest
 
-
-class Nginx:
-    """systemd/nginx-modelfs-cache.conf, pointed at a test router, in an nginx of its own (not a daemon).
-
-    With `models_dir` instead: a plain nginx serving that directory in the llmlb layout (Range natively), each
-    connection limited to `limit_rate` (nginx syntax, e.g. "2m") when given.
-    """
-
-    def __init__(self, prefix: Path, router_port: int | None = None, models_dir: Path | None = None,
-                 limit_rate: str | None = None) -> None:
-        self.port = free_port()
-        if models_dir is None:
-            snippet = (UNITS / "nginx-modelfs-cache.conf").read_text()
-            self.cache = prefix / "cache"
-            snippet = snippet.replace("/var/cache/nginx/modelfs", str(self.cache))
-            snippet, n = re.subn(r"upstream llmlb \{.*?\}",
-                                 f"upstream llmlb {{\n    server 127.0.0.1:{router_port};\n}}", snippet, flags=re.S)
-            assert n == 1
-            snippet, n = re.subn(r"listen 8080;", f"listen 127.0.0.1:{self.port};", snippet)
-            assert n == 1
-        else:
-            snippet = f"""\
-sendfile on;
-server {{
-    listen 127.0.0.1:{self.port};
-    {f"limit_rate {limit_rate};" if limit_rate else ""}
-    location ~ ^/v0/models/blob/(.+)$ {{ alias {models_dir}/$1/model.gguf; }}
-}}
-"""
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.access_log = prefix / "access.log"
-        self.error_log = prefix / "error.log"
-        temp = prefix / "temp"
-        # As root nginx's workers would run as nobody, who cannot enter pytest's 0700 tmp_path.
-        (prefix / "nginx.conf").write_text(f"""\
-user root root;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {self.error_log} notice;
-events {{ worker_connections 256; }}
-http {{
-    log_format cache '$request_method $request_uri $status $upstream_cache_status range=$http_range '
-                     'body=$body_bytes_sent';
-    access_log {self.access_log} cache;
-    client_body_temp_path {temp}/body;
-    proxy_temp_path {temp}/proxy;
-    fastcgi_temp_path {temp}/fastcgi;
-    uwsgi_temp_path {temp}/uwsgi;
-    scgi_temp_path {temp}/scgi;
-{snippet}
-}}
-""")
-        temp.mkdir(exist_ok=True)
-        self.stderr = prefix / "stderr.log"
-        with open(self.stderr, "wb") as stderr:
-            self.proc = subprocess.Popen(["nginx", "-c", str(prefix / "nginx.conf"), "-p", str(prefix),
-                                          "-g", "daemon off;"], stdout=stderr, stderr=stderr)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    logs = [p.read_text(errors="replace") for p in (self.stderr, self.error_log) if p.exists()]
-                    raise RuntimeError("nginx did not start:\n" + "\n".join(logs)) from None
-                time.sleep(0.02)
-
-    def log_lines(self, uri: str) -> list[str]:
-        return [line for line in self.access_log.read_text().splitlines() if f" {uri} " in line]
-
-    def stop(self) -> None:
-        stop_process(self.proc, timeout=10)
-
-
-@pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[object]:
-    need("nginx")
-    started: list[Nginx] = []
-
-    def start(router_port: int | None = None, **kwargs: object) -> Nginx:
-        prefix = tmp_path / f"nginx{len(started)}"
-        prefix.mkdir()
-        for attempt in range(3):  # the free port may be taken in between
-            try:
-                started.append(Nginx(prefix, router_port, **kwargs))  # type: ignore[arg-type]
-                return started[-1]
-            except RuntimeError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    yield start
-    for n in started:
-        n.stop()
+        return conftest.nginx
+    if name == "free_port":
+        return free_port
+    raise AttributeError(name)
 
 
 def test_fleet_behind_caching_nginx_downloads_each_model_once(tmp_path, router, nginx, mount):

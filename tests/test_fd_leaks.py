@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import gguf_bytes, wait_for, write_model
-from sshfs import Sshd, SshfsMount, sshfs_available
+
+from tests.support.models import gguf_bytes, write_model
+from tests.support.procs import wait_for
+from tests.support.sshfs import Sshd, SshfsMount, sshfs_available
 
 _REASON = sshfs_available()
 pytestmark = [pytest.mark.skipif(_REASON is not None, reason=_REASON or ""), pytest.mark.io_paths]
@@ -99,7 +101,8 @@ def test_descriptors_return_to_baseline_after_storms_with_failures(mount, dirs, 
     for path in shared:
         os.utime(path, (settled, settled))
     with SshfsMount(sshd, str(server), str(dirs["shared"]), direct_io=False) as sshfs:
-        m = mount("--shared", str(dirs["shared"]), "--shared-timeout", "0.5", "--debug")
+        # --no-supervisor: the process started is the daemon whose descriptors are counted.
+        m = mount("--no-supervisor", "--shared", str(dirs["shared"]), "--shared-timeout", "0.5", "--debug")
         pid = m.proc.pid
         models = [m.model(f"l{i}") for i in range(len(local))] + [m.model(f"s{i}") for i in range(len(shared))]
         finish(storm(models, 1.0))  # warm up: threads, caches

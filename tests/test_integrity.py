@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import gguf_bytes, wait_for, write_model
+
+from tests.support.models import gguf_bytes, write_model
+from tests.support.procs import wait_for
 
 MB = 1 << 20
 SIZE = 3 * MB + 4096 + 17  # not a multiple of a page: the tail page matters too
@@ -157,7 +159,7 @@ def test_a_replacement_of_another_size_is_never_served_with_the_old_size(mount, 
 
 def test_gguf_reader_keeps_its_model_while_it_is_replaced(mount, dirs, io, tmp_path):
     gguf = pytest.importorskip("gguf")
-    from ggufmaker import make_gguf, tensors_match
+    from tests.support.ggufmaker import make_gguf, tensors_match
 
     path = dirs["shared"] / "org" / "live" / "model.gguf"
     v1 = make_gguf(path, seed=1, tensor_elems=64 * 1024)

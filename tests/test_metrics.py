@@ -9,16 +9,12 @@ import sys
 import urllib.request
 
 import pytest
-from conftest import gguf_bytes, wait_for, write_model
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.models import gguf_bytes, write_model
+from tests.support.procs import free_port, wait_for
+
 MB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

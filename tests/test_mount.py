@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import gguf_bytes, wait_for, write_model
+
+from tests.support.models import gguf_bytes, write_model
+from tests.support.procs import wait_for
 
 #: Every read here runs with FUSE passthrough and with the daemon read path.
 pytestmark = pytest.mark.io_paths
@@ -37,7 +39,7 @@ def test_local_and_shared_reads_are_byte_identical_and_in_place(mount, dirs):
 
 def test_gguf_reader_sees_identical_tensors(mount, dirs):
     gguf = pytest.importorskip("gguf")
-    from ggufmaker import make_gguf
+    from tests.support.ggufmaker import make_gguf
 
     tensors = make_gguf(dirs["shared"] / "tiny" / "model.gguf", seed=7)
     make_gguf(dirs["store"] / "org" / "small" / "model.gguf", seed=8)
@@ -273,7 +275,7 @@ def test_read_ahead_is_raised_after_the_handshake(mount, dirs):
 def test_the_background_daemon_does_not_pin_the_directory_it_was_started_from(dirs, tmp_path):
     """`modelfs mount` without --foreground detaches; the daemon then works from `/`, so the directory it was
     started from (an admin's home, a build tree, a mount) can be removed or unmounted."""
-    from conftest import fuse_missing
+    from tests.support.mount import fuse_missing
 
     if fuse_missing():
         pytest.skip(fuse_missing() or "")

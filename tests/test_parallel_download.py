@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import gguf_bytes, wait_for, write_model
-from test_deploy import nginx  # noqa: F401 - the fixture
 
 from modelfs.ranges import RangeSet
+from tests.support.models import gguf_bytes, write_model
+from tests.support.procs import wait_for
 
 MB = 1 << 20
 PARTS = {"MODELFS_DOWNLOAD_STREAMS": "4", "MODELFS_DOWNLOAD_PART_SIZE": "1M"}
@@ -40,7 +40,7 @@ def recorded(sidecar: Path) -> RangeSet:
         return RangeSet()
 
 
-def test_nginx_with_a_per_connection_limit_gets_parallel_parts(mount, nginx, tmp_path, dirs):  # noqa: F811
+def test_nginx_with_a_per_connection_limit_gets_parallel_parts(mount, nginx, tmp_path, dirs):
     models = tmp_path / "models"
     data = gguf_bytes(6 * MB)
     write_model(models, "wide", data)

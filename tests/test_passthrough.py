@@ -6,10 +6,10 @@ import json
 import os
 
 import pytest
-from conftest import gguf_bytes, write_model
 
 from modelfs import passthrough
 from modelfs.config import ConfigError, load
+from tests.support.models import gguf_bytes, write_model
 
 
 def mode_of(root: os.PathLike[str]) -> dict[str, object]:

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import fuse_missing
-from sshfs import is_mounted
+
+from tests.support.mount import fuse_missing
+from tests.support.sshfs import is_mounted
 
 FS = r'''
 import errno, fcntl, json, os, stat, struct, sys

@@ -25,11 +25,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MODELFS, fuse_missing, gguf_bytes, wait_for, write_model
-from ggufmaker import make_gguf_of_size, tensors_equal
-from sshfs import is_mounted
 
 from modelfs import state
+from tests.support.ggufmaker import make_gguf_of_size, tensors_equal
+from tests.support.models import gguf_bytes, write_model
+from tests.support.mount import MODELFS, fuse_missing
+from tests.support.procs import wait_for
+from tests.support.sshfs import is_mounted
 
 MB = 1 << 20
 pytestmark = pytest.mark.timeout(180)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-from conftest import fuse_missing, wait_for
-from sshfs import is_mounted
+
+from tests.support.mount import fuse_missing
+from tests.support.procs import wait_for
+from tests.support.sshfs import is_mounted
 
 SIZE = 8 << 20
 

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import gguf_bytes, wait_for, write_model
+
+from tests.support.models import gguf_bytes, write_model
+from tests.support.procs import wait_for
 
 #: Every read here runs with FUSE passthrough and with the daemon read path.
 pytestmark = pytest.mark.io_paths
@@ -57,7 +59,7 @@ def test_router_only_model_is_listed_stat_without_download_then_streamed(mount, 
 
 def test_gguf_reader_reads_a_router_served_model(mount, router):
     gguf = pytest.importorskip("gguf")
-    from ggufmaker import make_gguf
+    from tests.support.ggufmaker import make_gguf
 
     r = router()
     tensors = make_gguf(r.models_dir / "tiny" / "model.gguf", seed=3, tensor_elems=300_000)
@@ -338,7 +340,7 @@ def test_sha256_digest_is_checked_when_the_router_gives_one(mount, router, dirs)
 
 
 def test_model_on_a_hung_shared_dir_is_downloaded_from_the_router(mount, router, dirs, tmp_path):
-    from sshfs import Sshd, SshfsMount, sshfs_available
+    from tests.support.sshfs import Sshd, SshfsMount, sshfs_available
 
     reason = sshfs_available()
     if reason:

@@ -7,15 +7,16 @@ from __future__ import annotations
 import http.client
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gguf
 import httpx
 import numpy as np
 import pytest
-from ggufmaker import make_gguf, make_gguf_of_size, read_tensors, tensors_equal, tensors_match
-from router_server import RouterProcess
+
+from tests.support.ggufmaker import make_gguf, make_gguf_of_size, read_tensors, tensors_equal, tensors_match
+from tests.support.router import RouterProcess
 
 BIG = 4 * 1024 * 1024
 
@@ -257,18 +258,24 @@ def test_fault_truncate_on_range_response(ranged: RouterProcess, models_dir: Pat
     assert ranged.bytes_sent("big") == 10
 
 
-def test_fault_hang_does_not_block_other_requests(llmlb: RouterProcess) -> None:
-    llmlb.control(hang=True, models=["tiny"])
+def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    """Start `call` (an HTTP request) in a thread; the httpx error it ends with, if any, lands in the list."""
     outcome: list[BaseException] = []
 
-    def hung_get() -> None:
+    def run() -> None:
         try:
-            httpx.get(llmlb.url + "/v0/models/blob/tiny", timeout=0.5)
+            call()
         except httpx.HTTPError as exc:
             outcome.append(exc)
 
-    t = threading.Thread(target=hung_get)
+    t = threading.Thread(target=run)
     t.start()
+    return t, outcome
+
+
+def test_fault_hang_does_not_block_other_requests(llmlb: RouterProcess) -> None:
+    llmlb.control(hang=True, models=["tiny"])
+    t, outcome = in_thread(lambda: httpx.get(llmlb.url + "/v0/models/blob/tiny", timeout=0.5))
     time.sleep(0.1)
     assert httpx.get(llmlb.url + "/v0/models/blob/org/model", timeout=2).status_code == 200
     assert httpx.get(llmlb.url + "/v0/models", timeout=2).status_code == 200
@@ -279,16 +286,7 @@ def test_fault_hang_does_not_block_other_requests(llmlb: RouterProcess) -> None:
 
 def test_fault_hang_cleared_closes_connection(llmlb: RouterProcess) -> None:
     llmlb.control(hang=True)
-    outcome: list[BaseException] = []
-
-    def hung_head() -> None:
-        try:
-            httpx.head(llmlb.url + "/v0/models/blob/tiny", timeout=5)
-        except httpx.HTTPError as exc:
-            outcome.append(exc)
-
-    t = threading.Thread(target=hung_head)
-    t.start()
+    t, outcome = in_thread(lambda: httpx.head(llmlb.url + "/v0/models/blob/tiny", timeout=5))
     deadline = time.monotonic() + 5  # until the server holds the request (a loaded machine may take a while)
     while not any(r["method"] == "HEAD" for r in llmlb.stats()["requests"]) and time.monotonic() < deadline:
         time.sleep(0.05)

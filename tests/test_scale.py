@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import gguf_bytes, write_model
 
 from modelfs import layout
 from modelfs.config import ConfigError, load
+from tests.support.models import gguf_bytes, write_model
 
 MB = 1 << 20
 

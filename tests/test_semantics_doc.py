@@ -10,7 +10,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import write_model
+
+from tests.support.models import write_model
 
 DOC = Path(__file__).parent.parent / "docs" / "SEMANTICS.md"
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import gguf_bytes, write_model
-from sshfs import Sshd, SshfsMount, sshfs_available
+
+from tests.support.models import gguf_bytes, write_model
+from tests.support.procs import eventually, wait_for
+from tests.support.sshfs import Sshd, SshfsMount, sshfs_available
 
 _REASON = sshfs_available()
 #: Every read here runs with FUSE passthrough and with the daemon read path.
@@ -96,15 +98,6 @@ def access(*ops: tuple[str, Path], timeout: float = CHILD_TIMEOUT) -> list[dict]
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def eventually(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 class Holder:
@@ -402,10 +395,8 @@ def test_passthrough_reader_of_a_hung_server_waits_there_while_the_daemon_serves
 
 
 def test_a_download_ending_while_a_hung_share_is_asked_is_not_fetched_again(mount, router, remote, dirs):
-    """Found by bench/soak.py: an open that waited on a hung shared directory while the model's download finished
-    started a second download of a model already in the store."""
-    from conftest import wait_for
-
+    """Found by the soak (tests/soak.py): an open that waited on a hung shared directory while the model's download
+    finished started a second download of a model already in the store."""
     r = router()
     data = gguf_bytes(4 << 20)
     write_model(r.models_dir, "late", data)

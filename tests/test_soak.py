@@ -1,4 +1,4 @@
-"""The soak of bench/soak.py, short: real reader processes verify every byte of local, shared (sshfs, stopped and
+"""The soak of tests/soak.py, short: real reader processes verify every byte of local, shared (sshfs, stopped and
 continued) and router models (500s, stalls, resets in bursts); none may see a wrong byte or hang."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from sshfs import sshfs_available
+
+from tests.support.sshfs import sshfs_available
 
 ROOT = Path(__file__).resolve().parent.parent
 _REASON = sshfs_available()
@@ -19,8 +20,8 @@ _REASON = sshfs_available()
 @pytest.mark.timeout(240)
 def test_quick_soak_under_faults(tmp_path):
     report_file = tmp_path / "soak.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--quick", "--json", str(report_file)],
-                            capture_output=True, text=True, timeout=200)
+    result = subprocess.run([sys.executable, "-m", "tests.soak", "--quick", "--json", str(report_file), "--workdir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=200, cwd=ROOT)
     assert report_file.exists(), result.stderr[-3000:]
     report = json.loads(report_file.read_text())
     assert report["wrong_bytes"] == 0, report["wrong_reads"]

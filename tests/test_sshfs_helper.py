@@ -9,11 +9,13 @@ import errno
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sshfs import Sshd, SshfsMount, sshfs_available
+
+from tests.support.procs import eventually
+from tests.support.sshfs import Sshd, SshfsMount, sshfs_available
 
 _REASON = sshfs_available()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
@@ -51,16 +53,6 @@ def stat_in_subprocess(path: Path, timeout: float) -> int | None:
         return None
 
 
-def eventually(check: Callable[[], bool], timeout: float = 1.0) -> bool:
-    """Poll `check` until true or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def test_reads_byte_identical(sshd: Sshd, dirs: tuple[Path, Path]) -> None:
     remote, mnt = dirs
     data = os.urandom(3 * 1024 * 1024 + 123)
@@ -82,17 +74,17 @@ def test_remote_changes_seen_on_next_open(
         assert (mnt / "f").read_bytes() == b"version one"
 
         (remote / "f").write_bytes(b"VERSION TWO")  # same size, rewritten in place
-        assert eventually(lambda: (mnt / "f").read_bytes() == b"VERSION TWO")
+        assert eventually(lambda: (mnt / "f").read_bytes() == b"VERSION TWO", 1.0)
 
         (remote / "f.tmp").write_bytes(b"three, longer than before")
         os.replace(remote / "f.tmp", remote / "f")
-        assert eventually(lambda: (mnt / "f").read_bytes() == b"three, longer than before")
+        assert eventually(lambda: (mnt / "f").read_bytes() == b"three, longer than before", 1.0)
         assert (mnt / "f").stat().st_size == len(b"three, longer than before")
 
         (remote / "f").unlink()
-        assert eventually(lambda: not (mnt / "f").exists())
+        assert eventually(lambda: not (mnt / "f").exists(), 1.0)
         (remote / "f").write_bytes(b"back")  # negative lookups are not cached either
-        assert eventually(lambda: (mnt / "f").exists())
+        assert eventually(lambda: (mnt / "f").exists(), 1.0)
 
 
 def test_stop_hangs_and_cont_resumes(sshd: Sshd, dirs: tuple[Path, Path]) -> None:

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from conftest import gguf_bytes, wait_for, write_model
 
 from modelfs.errors import Failure
 from modelfs.store import DOWNLOADED, Store
+from tests.support.models import gguf_bytes, write_model
+from tests.support.procs import wait_for
 
 MB = 1 << 20
 

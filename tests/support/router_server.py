@@ -1,7 +1,9 @@
-"""Stand-in for the llmlb router's model API (GET/HEAD /v0/models/blob/<name>, GET /v0/models)
-with injectable faults, run as a real subprocess by tests; stdlib only.
-Owns the HTTP server (`python tests/router_server.py --models-dir DIR ...`) and `RouterProcess`.
+"""The test router: a stand-in for the llmlb router's model API (GET/HEAD /v0/models/blob/<name>, GET
+/v0/models) with injectable faults, run as a real process (`python -m tests.support.router_server --models-dir
+DIR ...`, started by `tests.support.router.RouterProcess`); stdlib only. Flavour `llmlb` ignores Range as llmlb
+does; `range` honours Range and If-Range with an ETag, as a plain file server would.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,62 +12,24 @@ import email.utils
 import json
 import os
 import re
-import shutil
 import signal
 import stat
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from procs import stop_process
+from tests.support.models import list_models, model_file, valid_name
+from tests.support.router_state import FaultState, Stats
 
 BLOB_PREFIX = "/v0/models/blob/"
 LIST_PATH = "/v0/models"
 CHUNK = 256 * 1024
 SENDFILE_STEP = 8 * 1024 * 1024  # bounded so stats stay live during big transfers
-_NAME_RE = re.compile(r"^[a-z0-9_.\-/]+$")
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _DISCONNECT_ERRORS = (ConnectionError, TimeoutError)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def valid_name(name: str) -> bool:
-    """llmlb model names: a-z 0-9 - _ . / with no empty, '.' or '..' segment."""
-    if not _NAME_RE.match(name):
-        return False
-    return all(seg not in ("", ".", "..") for seg in name.split("/"))
-
-
-def model_file(models_dir: Path, name: str) -> Path:
-    """llmlb layout: model `org/m` lives at DIR/org/m/model.gguf."""
-    return models_dir.joinpath(*name.split("/"), "model.gguf")
-
-
-def list_models(models_dir: Path) -> list[tuple[str, int]]:
-    """(name, size) of every non-empty model.gguf under the dir, sorted by name."""
-    found: list[tuple[str, int]] = []
-    for root, _dirs, files in os.walk(models_dir):
-        if "model.gguf" not in files:
-            continue
-        name = Path(root).relative_to(models_dir).as_posix()
-        try:
-            st = os.stat(os.path.join(root, "model.gguf"))  # follows symlinks on purpose
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode) and st.st_size > 0 and valid_name(name):
-            found.append((name, st.st_size))
-    return sorted(found)
 
 
 class Unsatisfiable(Exception):
@@ -90,140 +54,6 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     if start >= size:
         raise Unsatisfiable
     return start, min(end, size - 1)
-
-
-# --------------------------------------------------------------------------- fault state
-
-
-@dataclasses.dataclass
-class Faults:
-    """Injected misbehaviour; every field optional, None/False/0 = behave normally."""
-
-    status: int | None = None
-    fail_first: int = 0
-    rate: float | None = None
-    truncate_after: int | None = None
-    truncate_times: int | None = None
-    hang: bool = False
-    hang_body_after: int | None = None
-    redirect: str | None = None
-    list_status: int | None = None
-    list_hang: bool = False
-    models: list[str] | None = None
-    headers: dict[str, str] | None = None  # extra blob response headers (e.g. a digest)
-    list_sizes: bool = True  # False: the model list has no size_bytes (llmlb may list models so)
-    list_extra: list[str] | None = None  # names the model list shows although they have no file (blob: 404)
-
-
-FAULT_FIELDS = {f.name for f in dataclasses.fields(Faults)}
-
-
-class FaultState:
-    """Thread-safe fault settings; the condition wakes hung requests when faults change or on stop."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.faults = Faults()
-        self.stopping = False
-
-    def update(self, changes: dict[str, Any]) -> None:
-        """Merge fields; a null value restores that field's default."""
-        unknown = set(changes) - FAULT_FIELDS
-        if unknown:
-            raise ValueError(f"unknown fault fields: {sorted(unknown)}")
-        defaults = Faults()
-        with self.cond:
-            for key, value in changes.items():
-                setattr(self.faults, key, getattr(defaults, key) if value is None else value)
-            self.cond.notify_all()
-
-    def reset(self) -> None:
-        with self.cond:
-            self.faults = Faults()
-            self.cond.notify_all()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
-
-    def applies(self, name: str) -> bool:
-        models = self.faults.models
-        return models is None or name in models
-
-    def get(self, field: str, name: str) -> Any:
-        """Current value of a blob fault for this model (default if it does not apply)."""
-        with self.cond:
-            if self.applies(name):
-                return getattr(self.faults, field)
-            return getattr(Faults(), field)
-
-    def take_fail_first(self, name: str) -> bool:
-        """Consume one of the `fail_first` failures if it applies to this model."""
-        with self.cond:
-            if self.faults.fail_first > 0 and self.applies(name):
-                self.faults.fail_first -= 1
-                return True
-            return False
-
-    def take_truncation(self, name: str, body_len: int) -> int | None:
-        """Bytes to send before cutting the body, consuming one of `truncate_times`."""
-        with self.cond:
-            limit = self.faults.truncate_after
-            if limit is None or limit >= body_len or not self.applies(name):
-                return None
-            if self.faults.truncate_times is not None:
-                if self.faults.truncate_times <= 0:
-                    return None
-                self.faults.truncate_times -= 1
-            return limit
-
-    def wait_while(self, still_faulty: Callable[[Faults], bool]) -> None:
-        """Block (holding the client's socket) until the fault is cleared or the server stops."""
-        with self.cond:
-            self.cond.wait_for(lambda: self.stopping or not still_faulty(self.faults))
-
-
-class Stats:
-    """Request log and byte counters that tests assert on via GET /_stats."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: list[dict[str, Any]] = []
-        self.bytes_sent: dict[str, int] = {}
-        self.blob_gets: dict[str, int] = {}
-
-    def reset(self) -> None:
-        with self.lock:
-            self.requests = []
-            self.bytes_sent = {}
-            self.blob_gets = {}
-
-    def new_request(self, record: dict[str, Any]) -> dict[str, Any]:
-        with self.lock:
-            self.requests.append(record)
-            name = record["name"]
-            if record["method"] == "GET" and name is not None:
-                self.blob_gets[name] = self.blob_gets.get(name, 0) + 1
-        return record
-
-    def add_bytes(self, record: dict[str, Any], n: int) -> None:
-        with self.lock:
-            record["bytes_sent"] += n
-            name = record["name"]
-            if name is not None:
-                self.bytes_sent[name] = self.bytes_sent.get(name, 0) + n
-
-    def snapshot(self) -> dict[str, Any]:
-        with self.lock:
-            return {
-                "requests": [dict(r) for r in self.requests],
-                "bytes_sent": dict(self.bytes_sent),
-                "blob_gets": dict(self.blob_gets),
-            }
-
-
-# --------------------------------------------------------------------------- server
 
 
 class RouterServer(ThreadingHTTPServer):
@@ -393,7 +223,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         models: list[tuple[str, int | None]] = [*list_models(self.server.models_dir),
                                                 *((n, None) for n in faults.faults.list_extra or ())]
         key = "name" if self.server.list_format == "array" else "id"
-        entries = [{key: n, "status": "ready"} for n, _ in models]
+        entries: list[dict[str, str | int | None]] = [{key: n, "status": "ready"} for n, _ in models]
         if faults.faults.list_sizes:
             for entry, (_, size) in zip(entries, models, strict=True):
                 entry["size_bytes"] = size
@@ -551,96 +381,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.server_close()
     return 0
-
-
-# --------------------------------------------------------------------------- test helper
-
-
-class RouterProcess:
-    """Runs router_server.py as a real subprocess for a test; use as a context manager."""
-
-    def __init__(self, models_dir: str | os.PathLike[str], flavour: str = "llmlb",
-                 token: str | None = None, list_format: str = "data",
-                 host: str = "127.0.0.1", startup_timeout: float = 10.0) -> None:
-        self.models_dir = Path(models_dir)
-        self.host = host
-        self._final_log: str | None = None
-        self._tmp = tempfile.mkdtemp(prefix="router_server_")
-        self.log_path = Path(self._tmp) / "stderr.log"
-        port_file = Path(self._tmp) / "port"
-        env = dict(os.environ)
-        env.pop("ROUTER_TOKEN", None)
-        if token is not None:
-            env["ROUTER_TOKEN"] = token  # env, not argv: keeps it out of `ps`
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--models-dir", str(self.models_dir),
-               "--host", host, "--port", "0", "--flavour", flavour,
-               "--list-format", list_format, "--port-file", str(port_file)]
-        # stderr to a file, not a PIPE: an unread pipe would eventually block the server.
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + startup_timeout
-        while not port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"router_server failed to start (rc={self.proc.returncode}):\n"
-                                   f"{self.log_text()}")
-            time.sleep(0.02)
-        self.port = int(port_file.read_text())
-        self.url = f"http://{host}:{self.port}"
-
-    def __enter__(self) -> RouterProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def blob_url(self, name: str) -> str:
-        return f"{self.url}{BLOB_PREFIX}{urllib.parse.quote(name, safe='/')}"
-
-    def log_text(self) -> str:
-        """The server's stderr so far (kept after stop() for failure messages)."""
-        if self._final_log is not None:
-            return self._final_log
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"{method} {path} -> {exc.code}: {exc.read()!r}") from None
-
-    def control(self, **fault_fields: Any) -> dict[str, Any]:
-        """Merge fault fields (None restores a default); returns the resulting fault state."""
-        return self._call("POST", "/_control", fault_fields)
-
-    def reset(self) -> None:
-        """Clear all faults and stats."""
-        self._call("POST", "/_reset", {})
-
-    def stats(self) -> dict[str, Any]:
-        return self._call("GET", "/_stats")
-
-    def bytes_sent(self, name: str) -> int:
-        return int(self.stats()["bytes_sent"].get(name, 0))
-
-    def blob_gets(self, name: str) -> int:
-        return int(self.stats()["blob_gets"].get(name, 0))
-
-    def stop(self) -> None:
-        """Terminate, then kill after 5 s; idempotent."""
-        stop_process(self.proc)
-        if not self._log.closed:
-            self._log.close()
-            self._final_log = self.log_text()
-        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """Soak under faults (issue 13): many reader processes verify every byte while the router and the shared
 directory misbehave in bursts.
 
-    .venv/bin/python bench/soak.py [--duration 180] [--readers 64] [--models 24] [--json OUT]
-    .venv/bin/python bench/soak.py --quick          # 25 s, 16 readers, small models: what tests/test_soak.py runs
+    .venv/bin/python -m tests.soak [--duration 180] [--readers 64] [--models 24] [--json OUT]
+    .venv/bin/python -m tests.soak --quick       # 25 s, 16 readers, small models: what tests/test_soak.py runs
 
-Root only (FUSE, a private loopback sshd). It makes, in bench/out/soak-PID (removed at the end):
+From the repository root, as root (FUSE, a private loopback sshd). It makes, in a temporary directory (under
+--workdir if given; removed at the end):
 - models with deterministic content (a per-model 65,521-byte block repeated, starting with the GGUF magic), a
   third each in the store (local), on an sshfs share over a loopback sshd (shared; half of them also on the
   router, so a hung share falls back to a download, the other half only there) and on the router only, the
   router ones becoming readable one after another, each just as a fault burst begins;
-- the test router (`tests/router_server.py`, range flavour, throttled) and one modelfs mount with
+- the test router (tests/support/router_server.py, range flavour, throttled) and one modelfs mount with
   `--metrics`;
 - reader processes (this file with `--reader`), each looping until the deadline: pick a model it may read, open
   it, pread random ranges, compare every byte with the known content, and time every call against a bound;
@@ -28,19 +29,23 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the readers import nothing heavy: 64 of them start at once
-    from harness import Janitor
-    from router_server import RouterProcess
+    from tests.support.router import RouterProcess
+    from tests.support.sshfs import SshfsMount
 
+ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 65_521  # prime: a misplaced range never matches by accident
 MIB = 1 << 20
 
@@ -139,7 +144,7 @@ def note(tallies: dict[str, Any], op: str, model: dict[str, Any], took: float, b
 # The driver.
 
 
-def fault_driver(router: RouterProcess, sshfs: Any, stop: threading.Event, log: list[str], t0: float,
+def fault_driver(router: RouterProcess, sshfs: SshfsMount, stop: threading.Event, log: list[str], t0: float,
                  period: float) -> None:
     """Router bursts in turn, and sshfs stop/continue bursts, until `stop`."""
     bursts = [("500", {"status": 500}), ("stall", {"hang": True}), ("reset", {"truncate_after": 300_000}),
@@ -175,29 +180,26 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def kill_all(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=10)
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    from harness import ROOT, Janitor, rmtree
-
-    work = ROOT / "bench" / "out" / f"soak-{os.getpid()}"
-    janitor = Janitor()
-    janitor.push("work directory", lambda: rmtree(work))
-    try:
-        return _soak(args, work, janitor)
-    finally:
-        janitor.close()
+    """One soak; every process, mount and file it made is gone when it returns or raises."""
+    with ExitStack() as stack:
+        work = Path(tempfile.mkdtemp(prefix="modelfs-soak-", dir=args.workdir))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        return _soak(args, work, stack)
 
 
-def _soak(args: argparse.Namespace, work: Path, janitor: Janitor) -> dict[str, Any]:
-    from harness import PYTHON, ROOT, Modelfs, proc_status, start_sshfs
-    from router_server import RouterProcess
+def _soak(args: argparse.Namespace, work: Path, stack: ExitStack) -> dict[str, Any]:
+    from tests.support.mount import Mount
+    from tests.support.procs import free_port, proc_status
+    from tests.support.router import RouterProcess
+    from tests.support.sshfs import Sshd, SshfsMount
 
     store, remote, routed, mnt, share = (work / d for d in ("store", "remote", "router", "mnt", "share"))
     for d in (store, remote, routed, share):
@@ -216,14 +218,16 @@ def _soak(args: argparse.Namespace, work: Path, janitor: Janitor) -> dict[str, A
             write(remote, name, size)
         if kind == "router" or (kind == "shared" and i % 2 == 0):  # half the shared ones have a fallback
             write(routed, name, size)
-    router = RouterProcess(routed, flavour="range")
-    janitor.push("router", router.stop)
+    router = stack.enter_context(RouterProcess(routed, flavour="range"))
     router.control(rate=args.rate)
-    sshfs = start_sshfs(janitor, remote, share)
+    sshd = stack.enter_context(Sshd())
+    sshfs = stack.enter_context(SshfsMount(sshd, str(remote), str(share)))
     port = free_port()
-    m = Modelfs(janitor, mnt, store, ["--shared", str(share), "--router", router.url, "--shared-timeout", "1",
-                                      "--read-timeout", "3", "--connect-timeout", "2", "--retries", "6",
-                                      "--metrics", f"127.0.0.1:{port}"], work / "modelfs.log")
+    # --no-supervisor: the process started serves the mount, so its RSS is the daemon's.
+    m = stack.enter_context(Mount(mnt, store, ["--no-supervisor", "--shared", str(share), "--router", router.url,
+                                               "--shared-timeout", "1", "--read-timeout", "3", "--connect-timeout",
+                                               "2", "--retries", "6", "--metrics", f"127.0.0.1:{port}"],
+                                  work / "modelfs.log"))
     connection = Path(f"/sys/fs/fuse/connections/{os.minor(os.stat(mnt).st_dev)}")  # needs fusectl mounted
     if args.max_background:  # a lever: the kernel's limit of background (read-ahead) requests in flight
         (connection / "max_background").write_text(f"{args.max_background}\n")
@@ -242,9 +246,10 @@ def _soak(args: argparse.Namespace, work: Path, janitor: Janitor) -> dict[str, A
             "max_read": args.max_read}
     readers = []
     for n in range(args.readers):
-        readers.append(subprocess.Popen([PYTHON, __file__, "--reader", json.dumps({**spec, "seed": n})],
-                                        stdout=subprocess.PIPE, text=True, cwd=ROOT / "bench"))
-    janitor.push("readers", lambda: [p.kill() for p in readers if p.poll() is None])
+        readers.append(subprocess.Popen([sys.executable, "-m", "tests.soak", "--reader",
+                                         json.dumps({**spec, "seed": n})], stdout=subprocess.PIPE, text=True,
+                                        cwd=ROOT))
+    stack.callback(kill_all, readers)
     rss: list[tuple[float, int]] = []
     stop = threading.Event()
     faults: list[str] = []
@@ -332,6 +337,8 @@ def main() -> int:
     parser.add_argument("--max-background", type=int, help="set the FUSE connection's max_background (fusectl "
                         "must be mounted: mount -t fusectl fusectl /sys/fs/fuse/connections); a lever, not a fix")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--workdir", type=Path, help="where to make the soak's temporary directory (default: the "
+                        "system's temporary directory)")
     parser.add_argument("--reader", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reader:
@@ -341,7 +348,7 @@ def main() -> int:
         args.duration, args.readers, args.min_size, args.max_size = 25.0, 16, MIB, 3 * MIB
         args.fault_period = 3.0
     if os.geteuid() != 0:
-        print("bench/soak.py runs as root (FUSE, sshd)", file=sys.stderr)
+        print("tests/soak.py runs as root (FUSE, sshd)", file=sys.stderr)
         return 2
     report = soak(args)
     text = json.dumps(report, indent=2)

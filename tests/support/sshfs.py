@@ -10,15 +10,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from types import TracebackType
-from typing import IO
+from typing import IO, Self
 
-from procs import stop_process
+from tests.support.procs import free_port, stop_process, wait_port
 
 SSHD = "/usr/sbin/sshd"
 START_TIMEOUT = 10.0
@@ -71,13 +69,6 @@ def _unescape_mount_path(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _free_port() -> int:
-    """A loopback port nobody listens on right now (small race, fine for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _read_log(f: IO[bytes]) -> str:
     """Everything a subprocess wrote to its (temp file) stderr, for error messages."""
     f.flush()
@@ -85,7 +76,28 @@ def _read_log(f: IO[bytes]) -> str:
     return f.read().decode("utf-8", "replace").strip()
 
 
-class Sshd:
+class _Started:
+    """`with X(...) as x:` starts x and always ends with `x.close()`, also when the start itself fails."""
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Sshd(_Started):
     """A private sshd on 127.0.0.1:<free port> with its own keys, config and pid file,
     so it never touches the system sshd. Root may log in with `client_key` only."""
 
@@ -96,24 +108,8 @@ class Sshd:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
-    def __enter__(self) -> Sshd:
-        self.dir = tempfile.mkdtemp(prefix="modelfs-sshd-")
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def _start(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="modelfs-sshd-")
         host_key = os.path.join(self.dir, "host_key")
         self.client_key = os.path.join(self.dir, "client_key")
         for key in (host_key, self.client_key):
@@ -123,7 +119,7 @@ class Sshd:
             )
         authorized = os.path.join(self.dir, "authorized_keys")
         shutil.copyfile(self.client_key + ".pub", authorized)
-        self.port = _free_port()
+        self.port = free_port()
         config = os.path.join(self.dir, "sshd_config")
         with open(config, "w", encoding="utf-8") as f:
             f.write(
@@ -146,23 +142,10 @@ class Sshd:
             [SSHD, "-D", "-e", "-f", config],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"sshd exited with {self.proc.returncode}: {_read_log(self._log)}"
-                )
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"sshd not listening on 127.0.0.1:{self.port} after "
-                    f"{START_TIMEOUT:.0f}s: {_read_log(self._log)}"
-                )
-            time.sleep(0.05)
+        try:
+            wait_port(self.port, self.proc, "sshd", START_TIMEOUT)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {_read_log(self._log)}") from None
 
     def log(self) -> str:
         """sshd's stderr so far (useful when a mount fails to authenticate)."""
@@ -181,7 +164,7 @@ class Sshd:
             self.dir = ""
 
 
-class SshfsMount:
+class SshfsMount(_Started):
     """`sshd`'s `remote_dir` mounted at `mountpoint` by a foreground sshfs (so `pid` is the
     sshfs process itself), with caching off and no reconnect."""
 
@@ -208,23 +191,7 @@ class SshfsMount:
         assert self.proc is not None, "not mounted"
         return self.proc.pid
 
-    def __enter__(self) -> SshfsMount:
-        try:
-            self._mount()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _mount(self) -> None:
+    def _start(self) -> None:
         os.makedirs(self.mountpoint, exist_ok=True)
         options = [
             f"IdentityFile={self.sshd.client_key}",

@@ -1,0 +1,1 @@
+"""The modelfs benchmark (run as `python -m bench.run` from the repository root); see bench/README.md."""
