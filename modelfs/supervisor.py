@@ -81,6 +81,7 @@ class Supervisor:
         self.restart_from = 0
         self.stopping = False
         self.announced = False
+        _remove_dead_sockets(runtime_dir())
         self.receiver = fdstore.Receiver(runtime_dir(), f"supervisor-{os.getpid()}.sock")
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.buffer = bytearray(fusedev.READ_BUFFER)
@@ -332,6 +333,24 @@ class Supervisor:
             unmount(self.mountpoint, lazy=True)
         except Exception as exc:  # noqa: BLE001 - stopping must go on
             log.warning("cannot unmount %s: %s", self.mountpoint, exc)
+
+
+def _remove_dead_sockets(directory: Path) -> None:
+    """The sockets of supervisors that were killed (nobody else removes them)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        pid = name.removeprefix("supervisor-").removesuffix(".sock")
+        if not (name.startswith("supervisor-") and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            (directory / name).unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def fcntl_dup(fd: int) -> int:

@@ -430,16 +430,21 @@ def test_the_daemon_gets_the_router_key_by_environment_never_by_command_line(mou
     assert b"MODELFS_ROUTER_TOKEN=s3cret-key" in Path(f"/proc/{daemon}/environ").read_bytes()
 
 
-def test_killing_the_supervisor_leaves_a_stale_mount_as_before(mount, dirs):
+def test_killing_the_supervisor_leaves_a_stale_mount_as_before(mount, dirs, tmp_path):
     m = mount()
-    daemon = status(m.path)["pid"]
-    assert m.proc is not None
+    daemon, supervisor = status(m.path)["pid"], status(m.path)["supervisor_pid"]
+    assert m.proc is not None and m.proc.pid == supervisor
     m.proc.kill()  # the foreground process is the supervisor: its daemon dies with it
     m.proc.wait(timeout=10)
     wait_for(lambda: not Path(f"/proc/{daemon}").exists(), what="the daemon to die with its supervisor")
     from modelfs.fusermount import is_stale
 
     wait_for(lambda: is_stale(m.path), timeout=5, what="the stale mount")
+    # The killed supervisor's socket is left behind; the next supervisor removes it.
+    left = Path(f"/run/modelfs/supervisor-{supervisor}.sock")
+    assert left.exists()
+    mount(mountpoint=tmp_path / "other")
+    assert not left.exists()
 
 
 def test_background_mount_restarts_its_daemon(dirs, tmp_path):
