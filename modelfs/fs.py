@@ -126,8 +126,11 @@ class ModelFS(pyfuse3.Operations):
         attr.st_uid = self.uid
         attr.st_gid = self.gid
         attr.st_blksize = BLKSIZE
-        attr.entry_timeout = ENTRY_TIMEOUT
-        attr.attr_timeout = ENTRY_TIMEOUT
+        # A file changed in the last seconds is not cached by name: each path walk asks again and gets an inode of
+        # its own (inodes.entry), so concurrent opens of it never meet on one inode.
+        timeout = ENTRY_TIMEOUT if source is None or source.trusted else 0.0
+        attr.entry_timeout = timeout
+        attr.attr_timeout = timeout
         if source is None:
             attr.st_mode = stat.S_IFDIR | 0o555
             attr.st_nlink = 2

@@ -161,7 +161,10 @@ class Inodes:
     def entry(self, path: str, source: Source) -> Version:
         """The inode to show for `path` now that its file is `source`; a new one if the file changed."""
         current = self._current.get(path)
-        if current is not None and current.same_file(source):
+        # A file whose identity proves nothing yet (changed in the last seconds) gets a fresh inode at every lookup,
+        # which the kernel does not cache (fs: timeouts 0): no two lookups, so no two openers, ever meet on it, and
+        # the one retry the kernel makes after an ESTALE always lands on an inode nobody else can have opened.
+        if current is not None and source.trusted and current.same_file(source):
             # The same file, maybe by another route (a finished download is now in the store). Only an open that
             # dropped the inode's pages may make it trusted (`_adopt`).
             before = current.source

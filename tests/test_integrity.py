@@ -289,3 +289,45 @@ def test_a_model_downloaded_again_in_one_mount_is_the_new_version(mount, router,
     wait_for(final.exists, what="the second promotion")
     assert read_new(m.model("twice")) == new
     assert r.blob_gets("twice") == 2
+
+
+# Opens, reads the whole file and closes, in a loop until a deadline; prints how many opens it made and every
+# error it got, and whether every read saw one of the versions it was given (sha256 of each allowed version).
+_STORM = r"""
+import hashlib, os, sys, time
+deadline, allowed, paths = float(sys.argv[1]), set(sys.argv[2].split(",")), sys.argv[3:]
+opens, errors, wrong = 0, [], 0
+while time.time() < deadline:
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            errors.append(f"{os.path.basename(path)}: {exc.strerror}")
+            continue
+        opens += 1
+        wrong += hashlib.sha256(data).hexdigest() not in allowed
+print(opens, wrong, "|".join(errors), flush=True)
+"""
+
+
+def test_many_processes_opening_a_just_changed_shared_file_never_see_an_error(mount, dirs, io):
+    """A shared file changed in the last 2 s: its identity proves nothing, so opens must not share its inode with
+    handles already open, and yet no open may fail (the kernel retries an ESTALE once, never twice)."""
+    count = 12
+    versions = [gguf_bytes(256 * 1024, seed=s) for s in (1, 2)]
+    paths = [write_model(dirs["shared"], f"fresh/m{i}", versions[0]) for i in range(count)]
+    m = mount(*mount_args(io, "--shared", str(dirs["shared"])))
+    for path in paths:
+        replace(path, versions[1])  # every file changed just now: racily clean for the next 2 s
+    deadline = time.time() + 1.8
+    allowed = ",".join(sha(v) for v in versions)
+    procs = [subprocess.Popen([sys.executable, "-c", _STORM, str(deadline), allowed,
+                               *(str(m.model(f"fresh/m{i}")) for i in range(count))],
+                              stdout=subprocess.PIPE, text=True) for _ in range(6)]
+    results = [p.communicate(timeout=60)[0].split(" ", 2) for p in procs]
+    opens = sum(int(r[0]) for r in results)
+    errors = [e for r in results for e in r[2].strip().split("|") if e]
+    assert opens > 6 * count, "the storm made too few opens to mean anything"
+    assert sum(int(r[1]) for r in results) == 0, "an open read bytes of no single version"
+    assert errors == [], f"{len(errors)} of {opens + len(errors)} opens failed: {errors[:5]}"
