@@ -3,8 +3,8 @@ unit's file descriptor store) or modelfs's own supervisor, which implements the 
 
 The daemon side: `notify` (sd_notify, with descriptors for `FDSTORE=1`) and `inherited` (the descriptors given
 back at start, sd_listen_fds with names). The holder side: `Receiver`, a notification socket that accepts
-messages only from the one process it supervises (checked by the kernel's SCM_CREDENTIALS, as systemd's
-NotifyAccess=main does). See sd_notify(3) and sd_listen_fds(3).
+messages only from the processes it supervises (checked by the kernel's SCM_CREDENTIALS, as systemd's
+NotifyAccess=main does), and `Store`, the descriptors kept by name. See sd_notify(3) and sd_listen_fds(3).
 """
 
 from __future__ import annotations
@@ -133,3 +133,36 @@ class Receiver:
     def close(self) -> None:
         self.sock.close()
         self.path.unlink(missing_ok=True)
+
+
+class Store:
+    """The holder's side of FDSTORE=1: descriptors kept by name (FDSTOREREMOVE=1 drops a name), as systemd does."""
+
+    def __init__(self) -> None:
+        self.fds: dict[str, list[int]] = {}
+
+    def apply(self, message: Message) -> None:
+        """Keep or drop what a message says; descriptors it carries for anything else are closed."""
+        fields = message.fields
+        if fields.get("FDSTOREREMOVE") == "1" and "FDNAME" in fields:
+            for fd in self.fds.pop(fields["FDNAME"], []):
+                os.close(fd)
+        if fields.get("FDSTORE") == "1" and message.fds:
+            self.fds.setdefault(fields.get("FDNAME", "stored"), []).extend(message.fds)
+        else:
+            for fd in message.fds:
+                os.close(fd)
+
+    def first(self, name: str) -> int | None:
+        held = self.fds.get(name)
+        return held[0] if held else None
+
+    def held(self) -> list[tuple[str, int]]:
+        """Every descriptor with its name, in the order LISTEN_FDS passes them."""
+        return [(name, fd) for name, fds in self.fds.items() for fd in fds]
+
+    def close(self) -> None:
+        for fds in self.fds.values():
+            for fd in fds:
+                os.close(fd)
+        self.fds.clear()

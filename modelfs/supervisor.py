@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -53,6 +54,24 @@ def runtime_dir() -> Path:
     return Path(base) / "modelfs" if base else Path(f"/tmp/modelfs-{os.geteuid()}")
 
 
+class CrashPolicy:
+    """When to start a daemon again after one died, and when to stop trying (pure: the clock is given)."""
+
+    def __init__(self) -> None:
+        self.quick = 0  # daemons in a row that died before serving
+        self.deaths: list[float] = []  # when daemons died, within CRASH_WINDOW
+
+    def died(self, served: bool, now: float) -> float | str:
+        """The delay before the next daemon, or why there will be none."""
+        self.deaths = [t for t in self.deaths if now - t < CRASH_WINDOW] + [now]
+        self.quick = 0 if served else self.quick + 1
+        if self.quick > len(BACKOFF):
+            return f"{self.quick} times in a row before serving"
+        if len(self.deaths) >= CRASH_LIMIT:
+            return f"{len(self.deaths)} times in {CRASH_WINDOW:.0f}s"
+        return BACKOFF[self.quick - 1] if self.quick else 0.0
+
+
 @dataclass
 class Child:
     pid: int
@@ -71,11 +90,10 @@ class Supervisor:
         self.argv = argv  # `modelfs mount` arguments; the daemon gets them plus --foreground
         self.mountpoint = mountpoint
         self.ready = ready  # told "ok" once the mount is live, or "error: ..." if it never was
-        self.stored: dict[str, list[int]] = {}
+        self.stored = fdstore.Store()
         self.child: Child | None = None
         self.standby: Child | None = None
-        self.quick = 0  # daemons in a row that died before serving
-        self.deaths: list[float] = []  # when daemons died, within CRASH_WINDOW
+        self.crashes = CrashPolicy()
         self.failed = ""  # why requests are answered with EIO; "" while a daemon serves
         self.respawn_at: float | None = None
         self.restart_from = 0
@@ -107,9 +125,7 @@ class Supervisor:
                     return status
         finally:
             self.receiver.close()
-            for fds in self.stored.values():
-                for fd in fds:
-                    os.close(fd)
+            self.stored.close()
 
     def _step(self) -> int | None:
         poller = select.poll()
@@ -133,7 +149,8 @@ class Supervisor:
                     if self.child is None:
                         log.info("%s was unmounted", self.mountpoint)
                         return 0
-                elif self.failed and not fusedev.answer(fuse, self.buffer, errno.EIO, self._failed_xattr):
+                elif self.failed and not fusedev.answer(fuse, self.buffer, errno.EIO,
+                                                        functools.partial(_failed_status, self.failed)):
                     return 0
         status = self._reap()
         if status is not None:
@@ -148,41 +165,18 @@ class Supervisor:
         return None
 
     def _fuse(self) -> int | None:
-        fds = self.stored.get("fuse")
-        return fds[0] if fds else None
+        return self.stored.first("fuse")
 
     # Children.
 
     def _spawn(self, standby: bool = False) -> Child:
-        held = [(name, fd) for name, fds in self.stored.items() for fd in fds]
-        go_r, go_w = os.pipe2(os.O_CLOEXEC) if standby else (-1, -1)
+        held = self.stored.held()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "MODELFSD_", "NOTIFY_"))}
         env.update(NOTIFY_SOCKET=str(self.receiver.path), MODELFSD_SUPERVISOR=str(os.getpid()))
         if self.restart_from and not standby:
             env["MODELFSD_RESTART_FROM"] = str(self.restart_from)
-        argv = [sys.executable, "-m", "modelfs", "mount", *self.argv, "--foreground"]
-        pid = os.fork()
-        if pid == 0:  # the daemon-to-be: place the descriptors at 3, 4, ... and become modelfs
-            try:
-                ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-                if os.getppid() != int(env["MODELFSD_SUPERVISOR"]):
-                    os._exit(1)
-                signal.set_wakeup_fd(-1)
-                sources = [fcntl_dup(fd) for _, fd in held] + ([fcntl_dup(go_r)] if standby else [])
-                for index, fd in enumerate(sources):
-                    os.dup2(fd, fdstore.LISTEN_FDS_START + index)
-                if held:
-                    env.update(LISTEN_FDS=str(len(held)), LISTEN_FDNAMES=":".join(name for name, _ in held),
-                               LISTEN_PID=str(os.getpid()))
-                if standby:
-                    env["MODELFSD_STANDBY_FD"] = str(fdstore.LISTEN_FDS_START + len(held))
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
-                    signal.signal(signum, signal.SIG_DFL)
-                os.execve(sys.executable, argv, env)
-            finally:
-                os._exit(127)
-        if standby:
-            os.close(go_r)
+        pid, go_w = start_daemon([sys.executable, "-m", "modelfs", "mount", *self.argv, "--foreground"], env, held,
+                                 standby)
         log.info("started %sdaemon pid %d for %s%s", "the next " if standby else "", pid, self.mountpoint,
                  " with its live connection" if held and not standby else "")
         return Child(pid, go=go_w)
@@ -214,7 +208,7 @@ class Supervisor:
         if code == 0 or self.stopping:
             log.info("daemon pid %d exited (%s); %s is unmounted", child.pid, _describe(code), self.mountpoint)
             if fusedev.mount_device(self.mountpoint) is not None and fuse is not None and fusedev.connected(fuse):
-                self._unmount()
+                _unmount(self.mountpoint)
             return 0 if code in (0, HANDOVER_EXIT) or self.stopping else 1
         if fuse is None:
             reason = child.status or f"the daemon exited with {_describe(code)} before mounting"
@@ -228,15 +222,10 @@ class Supervisor:
                 self.child = self._spawn()
             log.info("daemon pid %d handed over to pid %d", child.pid, self.child.pid if self.child else -1)
             return None
-        now = time.monotonic()
-        self.deaths = [t for t in self.deaths if now - t < CRASH_WINDOW] + [now]
-        self.quick = 0 if child.ready_at is not None else self.quick + 1
-        if self.quick > len(BACKOFF) or len(self.deaths) >= CRASH_LIMIT:
-            died = f"{self.quick} times in a row before serving" if self.quick > len(BACKOFF) else \
-                f"{len(self.deaths)} times in {CRASH_WINDOW:.0f}s"
-            self._fail(f"the daemon died {died} (last: {_describe(code)}); see the log")
+        delay = self.crashes.died(child.ready_at is not None, time.monotonic())
+        if isinstance(delay, str):
+            self._fail(f"the daemon died {delay} (last: {_describe(code)}); see the log")
             return None
-        delay = BACKOFF[self.quick - 1] if self.quick else 0.0
         log.warning("daemon pid %d died (%s); restarting it%s with the live connection", child.pid, _describe(code),
                     f" in {delay:.1f}s" if delay else "")
         if delay or not self._take_standby():  # died during a planned restart: the next daemon is ready
@@ -265,12 +254,6 @@ class Supervisor:
             except OSError:
                 pass
 
-    def _failed_xattr(self, nodeid: int, name: bytes) -> bytes | None:
-        if nodeid != 1 or name != b"user.modelfs.status":
-            return None
-        return json.dumps({"state": "failed", "reason": self.failed, "pid": None, "held_by": "supervisor",
-                           "supervisor_pid": os.getpid()}).encode()
-
     def _drop_standby(self) -> None:
         if self.standby is None:
             return
@@ -286,14 +269,13 @@ class Supervisor:
             if self.child is not None:
                 _kill(self.child.pid, signal.SIGTERM)
             else:
-                self._unmount()
+                _unmount(self.mountpoint)
                 raise SystemExit(0)
         elif signum == signal.SIGUSR1:
             if self.failed or self.child is None:
                 log.info("SIGUSR1: starting a daemon again for %s", self.mountpoint)
                 self.failed = ""
-                self.quick = 0
-                self.deaths = []
+                self.crashes = CrashPolicy()
                 self.respawn_at = time.monotonic()
             elif self.standby is None and self.child.ready_at is not None:
                 log.info("SIGUSR1: restarting the daemon of %s", self.mountpoint)
@@ -308,15 +290,7 @@ class Supervisor:
         fields = message.fields
         if "STATUS" in fields:
             child.status = fields["STATUS"]
-        if fields.get("FDSTOREREMOVE") == "1" and "FDNAME" in fields:
-            for fd in self.stored.pop(fields["FDNAME"], []):
-                os.close(fd)
-        if fields.get("FDSTORE") == "1" and message.fds:
-            name = fields.get("FDNAME", "stored")
-            self.stored.setdefault(name, []).extend(message.fds)
-        elif message.fds:
-            for fd in message.fds:
-                os.close(fd)
+        self.stored.apply(message)
         if fields.get("MODELFSD_STANDBY") == "1" and child is self.standby and self.child is not None:
             child.prepared = True
             _kill(self.child.pid, signal.SIGUSR1)
@@ -326,13 +300,54 @@ class Supervisor:
                 self.announced = True
                 self.ready("ok")
 
-    def _unmount(self) -> None:
-        from .fusermount import unmount
 
+
+def _failed_status(reason: str, nodeid: int, name: bytes) -> bytes | None:
+    """The root's `user.modelfs.status` once the supervisor gave up: why, and whom `modelfs restart` signals."""
+    if nodeid != 1 or name != b"user.modelfs.status":
+        return None
+    return json.dumps({"state": "failed", "reason": reason, "pid": None, "held_by": "supervisor",
+                       "supervisor_pid": os.getpid()}).encode()
+
+
+def _unmount(mountpoint: Path) -> None:
+    from .fusermount import unmount
+
+    try:
+        unmount(mountpoint, lazy=True)
+    except Exception as exc:  # noqa: BLE001 - stopping must go on
+        log.warning("cannot unmount %s: %s", mountpoint, exc)
+
+
+def start_daemon(argv: list[str], env: dict[str, str], held: list[tuple[str, int]], standby: bool
+                 ) -> tuple[int, int]:
+    """Fork and exec a serving daemon with the descriptors `held` at 3, 4, ... (LISTEN_FDS, by name); with
+    `standby`, also a pipe it waits on before taking over (MODELFSD_STANDBY_FD). (pid, write end of that pipe)."""
+    go_r, go_w = os.pipe2(os.O_CLOEXEC) if standby else (-1, -1)
+    supervisor = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the daemon-to-be
         try:
-            unmount(self.mountpoint, lazy=True)
-        except Exception as exc:  # noqa: BLE001 - stopping must go on
-            log.warning("cannot unmount %s: %s", self.mountpoint, exc)
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != supervisor:  # the supervisor died before the line above: so do we
+                os._exit(1)
+            signal.set_wakeup_fd(-1)
+            sources = [fcntl_dup(fd) for _, fd in held] + ([fcntl_dup(go_r)] if standby else [])
+            for index, fd in enumerate(sources):
+                os.dup2(fd, fdstore.LISTEN_FDS_START + index)
+            if held:
+                env.update(LISTEN_FDS=str(len(held)), LISTEN_FDNAMES=":".join(name for name, _ in held),
+                           LISTEN_PID=str(os.getpid()))
+            if standby:
+                env["MODELFSD_STANDBY_FD"] = str(fdstore.LISTEN_FDS_START + len(held))
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    if standby:
+        os.close(go_r)
+    return pid, go_w
 
 
 def _remove_dead_sockets(directory: Path) -> None:
