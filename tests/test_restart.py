@@ -99,6 +99,13 @@ def status(mountpoint: Path) -> dict:
     return json.loads(os.getxattr(mountpoint, "user.modelfs.status"))
 
 
+def held(mountpoint: Path) -> dict:
+    """The status once the daemon has handed its connection to its holder (with its FUSE_INIT recorded): from then
+    on a crash keeps the mount. A daemon killed in the milliseconds before that dies as any FUSE daemon would."""
+    wait_for(lambda: status(mountpoint).get("fuse_init") is not None, what="the connection handed to its holder")
+    return status(mountpoint)
+
+
 def mount_id(mountpoint: Path) -> str:
     """The kernel mount's id (first field of /proc/self/mountinfo): a remount would change it."""
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
@@ -119,7 +126,7 @@ def new_daemon(mountpoint: Path, old_pid: int, timeout: float = 15) -> tuple[dic
             now = status(mountpoint)
         except OSError:
             return False
-        return isinstance(now.get("pid"), int) and now["pid"] != old_pid
+        return isinstance(now.get("pid"), int) and now["pid"] != old_pid and now.get("fuse_init") is not None
 
     wait_for(served, timeout=timeout, what="a new daemon serving the mount")
     return now, time.monotonic() - began
@@ -174,7 +181,7 @@ def test_readers_see_only_a_pause(mount, router, dirs, readers, how):
     remote = write_model(r.models_dir, "org/remote", gguf_bytes(16 * MB))
     r.control(rate=2 * MB)  # about 8 s: the crash falls in the middle of the download
     m = mount("--router", r.url)
-    before, mid = status(m.path), mount_id(m.path)
+    before, mid = held(m.path), mount_id(m.path)
     assert before["held_by"] == "supervisor" and before["restarts"] == 0
     readers.start("read", m.model("org/local"), local, 7)
     readers.start("mmap", m.model("org/mapped"), mapped, 7)
@@ -211,16 +218,16 @@ def test_inode_numbers_and_open_files_survive_a_compacted_journal(mount, dirs):
         write_model(dirs["store"], f"many/m{i:05d}", data, flat=True)
     m = mount()
     inodes = {i: os.stat(m.model(f"many/m{i:05d}")).st_ino for i in range(6000)}
-    held = open(m.model("many/m00007"), "rb", buffering=0)
-    before = status(m.path)
+    kept = open(m.model("many/m00007"), "rb", buffering=0)
+    before = held(m.path)
     assert before["inodes"]["versions"] >= 6000
     os.kill(before["pid"], signal.SIGKILL)
     new_daemon(m.path, before["pid"])
     time.sleep(1.1)  # past the kernel's entry cache: lookups reach the new daemon
     again = {i: os.stat(m.model(f"many/m{i:05d}")).st_ino for i in range(0, 6000, 97)}
     assert again == {i: inodes[i] for i in again}
-    assert held.read() == data
-    held.close()
+    assert kept.read() == data
+    kept.close()
     fresh = write_model(dirs["store"], "many/new", data, flat=True)
     assert os.stat(m.model("many/new")).st_ino not in inodes.values()  # numbers never come back
     assert fresh.exists()
@@ -236,25 +243,25 @@ def test_a_handle_whose_file_was_replaced_keeps_its_version_or_gets_eio(mount, d
     path = write_model(dirs["store"], "m", old)
     m = mount()
     m.expected_errors.append("was replaced or removed while no daemon served the mount")
-    held = open(m.model("m"), "rb", buffering=0)
-    assert held.read(4096) == old[:4096]
+    handle = open(m.model("m"), "rb", buffering=0)
+    assert handle.read(4096) == old[:4096]
     new = gguf_bytes(2 * MB, seed=2)
     staged = path.with_name("staged")
     staged.write_bytes(new)
     staged.rename(path)  # the usual replacement: the old file is unlinked, only open handles keep it
-    pid = status(m.path)["pid"]
+    pid = held(m.path)["pid"]
     os.kill(pid, signal.SIGKILL)
     new_daemon(m.path, pid)
-    os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if io == "passthrough":
-        assert os.pread(held.fileno(), MB, MB) == old[MB:]
+        assert os.pread(handle.fileno(), MB, MB) == old[MB:]
     else:
         with pytest.raises(OSError) as gone:
-            os.pread(held.fileno(), MB, MB)
+            os.pread(handle.fileno(), MB, MB)
         assert gone.value.errno == errno.EIO
     time.sleep(1.1)  # the kernel's cached entry expires: the name is looked up again
     assert m.model("m").read_bytes() == new
-    held.close()
+    handle.close()
 
 
 def test_a_crash_loop_ends_in_eio_and_restart_recovers(mount, dirs, tmp_path):
@@ -263,16 +270,16 @@ def test_a_crash_loop_ends_in_eio_and_restart_recovers(mount, dirs, tmp_path):
     write_model(dirs["store"], "m", data := gguf_bytes(MB))
     m = mount("--config", str(config), "--passthrough", "off")  # (a passthrough handle would not even notice)
     m.expected_errors += ["giving up", "modelfs: "]  # the supervisor's verdict; the daemons' config complaints
-    held = open(m.model("m"), "rb", buffering=0)
-    assert held.read(4096) == data[:4096]
-    os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # reads must reach userspace
-    pid = status(m.path)["pid"]
+    handle = open(m.model("m"), "rb", buffering=0)
+    assert handle.read(4096) == data[:4096]
+    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # reads must reach userspace
+    pid = held(m.path)["pid"]
     config.write_text("store = [not toml\n")  # every new daemon now fails at once
     began = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: "giving up" in m.log_text(), timeout=40, what="the supervisor giving up")
     print(f"\ncrash loop ended after {time.monotonic() - began:.1f}s")
-    for attempt in (lambda: os.pread(held.fileno(), 4096, MB // 2), lambda: open(m.model("m"), "rb"),
+    for attempt in (lambda: os.pread(handle.fileno(), 4096, MB // 2), lambda: open(m.model("m"), "rb"),
                     lambda: os.stat(m.path / "x")):
         t = time.monotonic()
         with pytest.raises(OSError) as failed:
@@ -283,9 +290,9 @@ def test_a_crash_loop_ends_in_eio_and_restart_recovers(mount, dirs, tmp_path):
     config.write_text(f'store = "{dirs["store"]}"\n')  # fixed: `modelfs restart` tries again
     done = subprocess.run([*MODELFS, "restart", str(m.path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    held.seek(0)
-    assert held.read() == data  # the handle from before the crash loop reads again
-    held.close()
+    handle.seek(0)
+    assert handle.read() == data  # the handle from before the crash loop reads again
+    handle.close()
 
 
 def state_fd_of(pid: int) -> Path:
@@ -301,10 +308,10 @@ def test_a_damaged_or_forged_state_gives_a_clean_remount(mount, dirs, damage):
     write_model(dirs["store"], "m", data := gguf_bytes(MB))
     m = mount("--passthrough", "off")  # a passthrough handle would go on reading its own file from the kernel
     m.expected_errors.append("cannot resume")
-    held = open(m.model("m"), "rb", buffering=0)
-    held.read(4096)
-    os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    before, mid = status(m.path), mount_id(m.path)
+    handle = open(m.model("m"), "rb", buffering=0)
+    handle.read(4096)
+    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    before, mid = held(m.path), mount_id(m.path)
     fd = os.open(state_fd_of(before["supervisor_pid"]), os.O_RDWR)
     size = os.fstat(fd).st_size
     if damage == "flip":
@@ -327,16 +334,16 @@ def test_a_damaged_or_forged_state_gives_a_clean_remount(mount, dirs, damage):
     assert "cannot resume" in log and reason in log and "remounting" in log
     assert m.model("m").read_bytes() == data  # new opens work
     with pytest.raises(OSError) as old:
-        os.pread(held.fileno(), 4096, MB // 2)  # the handle on the old connection: an error, never other bytes
+        os.pread(handle.fileno(), 4096, MB // 2)  # the handle on the old connection: an error, never other bytes
     assert old.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
     with contextlib.suppress(OSError):  # its flush on the old connection fails too
-        held.close()
+        handle.close()
 
 
 def test_only_the_daemon_may_hand_the_supervisor_descriptors(mount, dirs, tmp_path):
     write_model(dirs["store"], "m", data := gguf_bytes(MB))
     m = mount()
-    before = status(m.path)
+    before = held(m.path)
     socket_path = Path(f"/run/modelfs/supervisor-{before['supervisor_pid']}.sock")
     assert oct(socket_path.parent.stat().st_mode & 0o777) == "0o700" and socket_path.exists()
     # Not root: the directory keeps everyone else out.
@@ -374,7 +381,7 @@ def test_status_and_metrics_name_the_daemon_and_count_restarts(mount, dirs):
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
-    first = status(m.path)
+    first = held(m.path)
     assert first["pid"] != first["supervisor_pid"] and first["restarts"] == 0
     assert Path(f"/proc/{first['pid']}/cmdline").read_bytes().count(b"modelfs")
     samples = scrape()
@@ -490,19 +497,19 @@ class FakeSystemd:
         self.ready = False
 
     def start(self) -> None:
-        held = [(name, fd) for name, fds in self.store.items() for fd in fds]
+        stored = [(name, fd) for name, fds in self.store.items() for fd in fds]
         # bash places the stored descriptors at 3, 4, ... and execs modelfs with its own pid in LISTEN_PID.
-        moves = " ".join(f"{3 + i}<&{fd}" for i, (_, fd) in enumerate(held))
+        moves = " ".join(f"{3 + i}<&{fd}" for i, (_, fd) in enumerate(stored))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELFS", "LISTEN_", "NOTIFY_"))}
         env["NOTIFY_SOCKET"] = str(self.sock_path)
         script = 'exec "$@"'
-        if held:
-            env.update(LISTEN_FDS=str(len(held)), LISTEN_FDNAMES=":".join(name for name, _ in held))
+        if stored:
+            env.update(LISTEN_FDS=str(len(stored)), LISTEN_FDNAMES=":".join(name for name, _ in stored))
             script = f'exec {moves}; LISTEN_PID=$$ exec "$@"'
         self.ready = False
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(["bash", "-c", script, "bash", *self.command], env=env, stdout=log,
-                                         stderr=log, pass_fds=[fd for _, fd in held])
+                                         stderr=log, pass_fds=[fd for _, fd in stored])
 
     def pump(self, until_ready: bool = True, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -588,7 +595,7 @@ def test_pause_figures(mount, dirs, readers):
     m = mount("--passthrough", "off")
     figures: dict[str, list[float]] = {"kill9": [], "restart": []}
     for how in ("kill9", "restart") * 5:
-        pid = status(m.path)["pid"]
+        pid = held(m.path)["pid"]
         if how == "kill9":
             os.kill(pid, signal.SIGKILL)
         else:
