@@ -298,10 +298,12 @@ async def _announce(daemon: Daemon) -> None:
     else:
         since = os.environ.pop("MODELFSD_RESTART_FROM", "")
         pause = (time.monotonic_ns() - int(since)) / 1e9 if since.isdigit() else None
-    daemon.passthrough.require()
     init = pyfuse3.init_record()
+    if init is None:  # unmounted before the kernel's handshake (the stat above then saw the bare directory)
+        log.info("%s was unmounted before it was served", mountpoint)
+        return
+    daemon.passthrough.require()
     if daemon.journal is not None and daemon.restored is None:
-        assert init is not None
         daemon.device = fusedev.mount_device(mountpoint) or (0, 0)
         daemon.journal.append({"t": "init", "req": init[0].hex(), "rep": init[1].hex(), "dev": list(daemon.device)})
         daemon.holder.store(FUSE_NAME, pyfuse3.session_fd())
