@@ -5,7 +5,8 @@ label sets live in this one file, so they stay consistent with the Prometheus co
 base units, `_total` counters, labels from small fixed sets, never a model name). The registry is our own, not
 prometheus_client's global one, so nothing else in the process (or a second daemon in a test) mixes in. The
 server (`--metrics HOST:PORT`) is prometheus_client's, in a daemon thread: a scrape reads only these metric objects
-(thread-safe), never the daemon's own state. Gauges are set by the code that owns their value, when it changes
+(thread-safe) and the patched pyfuse3's counts of requests it answered in C (plain integers it keeps), never the
+daemon's own state. Gauges are set by the code that owns their value, when it changes
 (shared-directory health) or every second (store usage, see `quota`): no gauge calls back into the daemon.
 """
 
@@ -13,9 +14,14 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from . import creads
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -31,8 +37,8 @@ OPENS = Counter("modelfs_opens_total", "Files opened through the mount, by the s
                 ["source"], registry=REGISTRY)
 MISSES = Counter("modelfs_misses_total", "Lookups or opens of a model no source has (ENOENT).", registry=REGISTRY)
 DAEMON_READ_BYTES = Counter("modelfs_daemon_read_bytes_total",
-                            "Bytes the daemon served to read requests (not counting the kernel's page cache "
-                            "or passthrough).", registry=REGISTRY)
+                            "Bytes the daemon served to read requests in Python (not counting the kernel's page "
+                            "cache, passthrough, or reads answered in C).", registry=REGISTRY)
 PASSTHROUGH_OPENS = Counter("modelfs_passthrough_opens_total",
                             "Opens served by FUSE passthrough: the kernel reads the backing file itself.",
                             registry=REGISTRY)
@@ -62,6 +68,20 @@ STORE_QUOTA_BYTES = Gauge("modelfs_store_quota_bytes", "The store quota (store_m
                           registry=REGISTRY)
 EVICTIONS = Counter("modelfs_evictions_total", "Downloaded models evicted to keep the store under its quota.",
                     registry=REGISTRY)
+
+
+class _CAnswers(Collector):
+    """Requests the patched pyfuse3 answers in C never reach Python: their counts are read at scrape time."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counts = creads.counts()
+        yield CounterMetricFamily("modelfs_daemon_c_read_bytes", "Bytes of local files the daemon served to read "
+                                  "requests in C, without Python (patched pyfuse3).", value=counts["read_bytes"])
+        yield CounterMetricFamily("modelfs_xattr_c_enodata", "getxattr requests for names modelfs does not serve, "
+                                  "answered with ENODATA in C.", value=counts["xattr_enodata"])
+
+
+REGISTRY.register(_CAnswers())
 
 
 def failure_reason(err: int, corrupt: bool, message: str) -> str:

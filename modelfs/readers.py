@@ -31,6 +31,13 @@ class Reader(Protocol):
 
     async def read(self, offset: int, size: int) -> bytes | memoryview: ...
 
+    def c_read(self) -> tuple[int, int] | None:
+        """(fd, drop-behind bytes) if the patched pyfuse3 may answer this file's reads in C, else None.
+
+        Only a complete file on a local disk: those reads run on the trio loop, so never a shared file.
+        """
+        ...
+
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run a blocking call on this reader's file where that is safe (a worker thread for shared files)."""
         ...
@@ -108,6 +115,9 @@ class LocalReader:
         self.cache.served(offset, offset + len(data))
         return data
 
+    def c_read(self) -> tuple[int, int]:
+        return self.fd, DROP_LAG if self.cache.enabled else 0
+
     async def close(self) -> None:
         self.cache.close()
         os.close(self.fd)
@@ -137,6 +147,9 @@ class SharedReader:
         data = os.pread(self.fd, size, offset)
         self.cache.served(offset, offset + len(data))
         return data
+
+    def c_read(self) -> None:
+        return None  # a hung server would block the loop: reads stay in worker threads
 
     async def read(self, offset: int, size: int) -> bytes:
         try:
@@ -176,6 +189,9 @@ class DownloadReader:
         if self.download.done:  # pages of a file still being written are dirty: nothing to drop yet
             self.cache.served(offset, offset + len(data))
         return data
+
+    def c_read(self) -> None:
+        return None  # its reads wait for the download; a handle keeps this reader after it completes
 
     async def close(self) -> None:
         self.cache.close()

@@ -13,7 +13,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import __version__
+from . import __version__, creads
 from .errors import Failure
 from .fetcher import Download
 from .inodes import Inodes, Version
@@ -119,6 +119,7 @@ class Status:
             "failures": {name: failed(failure) for name, failure in failures.items()},
             "open": self.inodes.open_counts(),
             "passthrough": self.passthrough_state(),
+            "c_answers": creads.counts(),  # requests the patched pyfuse3 answered in C (daemon path)
             "inodes": self.inodes.counts(),
         }
 
