@@ -1,9 +1,9 @@
 """Open model files: how the bytes of each kind of source are read.
 
-A local file is read with `pread` right on the trio loop (page-cache reads of a local disk take microseconds, and
-a thread hop would cost more than the read). A shared file is read in a worker thread with a timeout, because its
-server may hang. A downloading file is read from the partial file once the download has written the bytes asked
-for, waiting only for those bytes.
+A local file is read right on the trio loop (page-cache reads of a local disk take microseconds, and a thread hop
+would cost more than the read): by the patched pyfuse3 in C where it can (`c_read`, see `creads`), else with
+`pread`. A shared file is read in a worker thread with a timeout, because its server may hang. A downloading file
+is read from the partial file once the download has written the bytes asked for, waiting only for those bytes.
 """
 
 from __future__ import annotations
