@@ -11,6 +11,8 @@ import mmap
 import os
 import random
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,33 @@ def test_getxattr_of_names_modelfs_does_not_serve_is_answered_in_c(mount, dirs, 
     listing = subprocess.run(["ls", "-lR", str(m.path)], capture_output=True, text=True, check=True).stdout
     assert "m.gguf" in listing
     assert c_answers(m.path)["xattr_enodata"] > before
+
+
+def test_requests_answered_in_python_are_served_while_reads_stream_in_c(mount, dirs, io):
+    """The session loop takes requests answered in C back to back; one that needs Python still gets its turn."""
+    data = gguf_bytes(32 * MB, seed=6)
+    write_model(dirs["store"], "stream", data)
+    write_model(dirs["store"], "other", gguf_bytes(MB, seed=7))
+    m = mount()
+    done = threading.Event()
+    passes = []
+
+    def stream() -> None:
+        while not done.is_set():
+            passes.append(read_through(m.model("stream")) == data)
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    try:
+        slowest = 0.0
+        for _ in range(200):
+            started = time.monotonic()
+            assert os.getxattr(m.model("other"), "user.modelfs.source") == b"local"  # answered in Python
+            slowest = max(slowest, time.monotonic() - started)
+    finally:
+        done.set()
+        reader.join(timeout=60)
+    assert passes and all(passes)
+    assert slowest < 1.0, f"a getxattr waited {slowest:.2f} s behind reads answered in C"
+    if io == "daemon":
+        assert c_answers(m.path)["read_bytes"] >= len(data)
