@@ -67,13 +67,14 @@ CASES = ("warm", "first", "sshfs", "fetch", "nginx", "load", "localload", "reade
 #: against it. A case that prints a row not listed here fails the check too: a new row is declared here.
 ROWS = {
     "warm": ("warm read",),
-    "first": ("first read via fresh mount", "daemon CPU per GiB read"),
+    "first": ("first read via fresh mount", "daemon CPU per GiB read", "daemon path: first read",
+              "daemon path: daemon CPU"),
     "sshfs": ("sshfs, default I/O", "sshfs -o direct_io"),
     "fetch": ("open → last byte",),
     "nginx": ("cold fetch from nginx", "nginx 25 MB/s per connection (8 streams", "first MiB at offset 0"),
     "load": ("cold load",),
     "localload": ("local model: GGUFReader + all tensors (backing dropped", "local model: GGUFReader + all tensors "
-                  "(backing cached"),
+                  "(backing cached", "daemon path: load of a local model from disk"),
     "readers": ("concurrent cold readers: wall", "concurrent cold readers: router bytes sent"),
     "mmap": ("mmap + touch every page: first", "mmap + touch every page: warm", "mmap read of every byte"),
     "stat": ("stat of a missing name",),
