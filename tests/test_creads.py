@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import gguf_bytes, wait_for, write_model
+
+from tests.support.models import gguf_bytes, write_model
+from tests.support.procs import wait_for
 
 MB = 1 << 20
 
