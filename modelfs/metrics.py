@@ -12,6 +12,7 @@ daemon's own state. Gauges are set by the code that owns their value, when it ch
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer

@@ -59,7 +59,9 @@ def test_each_failure_is_counted_and_shown_under_its_reason(mount, router, dirs)
     expected = {"not_found": 1, "corrupt": 1, "error": 1, "changed": 1, "store_full": 0, "unmount": 0}
     wait_for(lambda: failed(port) == expected, what=f"failures counted as {expected}")
     status = json.loads(os.getxattr(m.path, "user.modelfs.status"))
-    reasons = {name: failure["reason"] for name, failure in status["failures"].items()}
-    assert reasons == {"gone": "not_found", "liar": "corrupt", "broken": "error", "moving": "changed"}
-    assert "HTTP 500" in status["failures"]["broken"]["message"]
-    assert os.getxattr(m.model("broken"), "user.modelfs.progress").decode().startswith("failed: ")
+    causes = {name: failure["cause"] for name, failure in status["failures"].items()}
+    assert causes == {"gone": "not_found", "liar": "corrupt", "broken": "error", "moving": "changed"}
+    assert status["failures"]["gone"]["errno"] == errno.ENOENT
+    assert "HTTP 500" in status["failures"]["broken"]["reason"]  # the words, for people
+    state = json.loads(os.getxattr(m.model("liar"), "user.modelfs.state"))
+    assert state["state"] == "failed" and state["cause"] == "corrupt"
