@@ -74,7 +74,7 @@ class Download:
         # again (whose partial file may get a recycled inode number) never has the identity of an earlier one.
         self.mtime_ns = time.time_ns()
         self.stop = threading.Event()  # set on unmount: the threads stop, keeping the partial file
-        self._waiters: list[tuple[int, int, trio.Event]] = []
+        self._waiters: dict[tuple[int, int], list[trio.Event]] = {}  # range → the readers waiting for it
 
     @property
     def total(self) -> int | None:
@@ -99,18 +99,18 @@ class Download:
 
     def deliver(self) -> None:
         """On the loop, from `Handoff`: wake the readers whose bytes are on disk now (and only those)."""
-        for waiter in [w for w in self._waiters if self.done or self.parts.covers(w[0], w[1])]:
-            self._forget(waiter)
-            waiter[2].set()
-
-    def _forget(self, waiter: tuple[int, int, trio.Event]) -> None:
-        self._waiters.remove(waiter)
-        self.parts.unwait(waiter[0], waiter[1])
+        for key in self.parts.take_ready():
+            for event in self._waiters.pop(key, ()):
+                event.set()
 
     def finish(self, error: DownloadFailed | None) -> None:
+        """The download ended (promoted, failed or stopped): every reader still waiting goes."""
         self.done = True
         self.error = error
-        self.deliver()
+        waiters, self._waiters = self._waiters, {}
+        for events in waiters.values():
+            for event in events:
+                event.set()
 
     async def wait_for(self, offset: int, end: int) -> None:
         """Return once bytes [offset, end) are on disk; raise the download's error if they never will be.
@@ -118,13 +118,18 @@ class Download:
         While waiting, the offset steers the download: the next part to start covers it.
         """
         while not self.done and not self.parts.wait(offset, end):
-            waiter = (offset, end, trio.Event())
-            self._waiters.append(waiter)
+            event = trio.Event()
+            self._waiters.setdefault((offset, end), []).append(event)
             try:
-                await waiter[2].wait()
+                await event.wait()
             finally:
-                if waiter in self._waiters:  # cancelled (the reader went away) rather than woken
-                    self._forget(waiter)
+                if not event.is_set():  # cancelled (the reader went away) rather than woken
+                    events = self._waiters.get((offset, end), [])
+                    if event in events:
+                        events.remove(event)
+                        if not events:
+                            del self._waiters[offset, end]
+                    self.parts.unwait(offset, end)
         if not self.parts.covers(offset, end) and self.error is not None:
             raise self.error
 

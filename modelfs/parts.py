@@ -39,7 +39,8 @@ class Parts:
         self.fetched = 0  # bytes written in this run
         self._flight: dict[int, Part] = {}
         self._wanted: list[int] = []  # offsets readers wait at, most recent last: steers claim()
-        self._waiting: list[tuple[int, int]] = []  # ranges readers wait for: decides whom a write wakes
+        self._waiting: dict[tuple[int, int], int] = {}  # ranges readers wait for → how many readers
+        self._ready: set[tuple[int, int]] = set()  # waited ranges on disk now, not yet handed to the loop
         self._ids = itertools.count()
 
     def reset(self, total: int | None, done: RangeSet) -> None:
@@ -75,7 +76,7 @@ class Parts:
         """The server's answer matched what is on disk; True if that lets a waiting reader go."""
         with self.lock:
             self.confirmed = True
-            return self._ready()
+            return self._mark_ready(list(self._waiting))
 
     def wait(self, offset: int, end: int) -> bool:
         """A reader will wait for [offset, end), unless it may read it already (True: nothing registered). The
@@ -84,14 +85,33 @@ class Parts:
         with self.lock:
             if self.confirmed and self.done.covers(offset, end):
                 return True
-            self._waiting.append((offset, end))
+            self._waiting[offset, end] = self._waiting.get((offset, end), 0) + 1
             if offset not in self._wanted:
                 self._wanted = [*self._wanted[-15:], offset]
             return False
 
     def unwait(self, offset: int, end: int) -> None:
+        """A reader that waited for [offset, end) went away without being woken (it was cancelled)."""
         with self.lock:
-            self._waiting.remove((offset, end))
+            left = self._waiting.get((offset, end), 0) - 1
+            if left > 0:
+                self._waiting[offset, end] = left
+            else:
+                self._waiting.pop((offset, end), None)
+                self._ready.discard((offset, end))
+
+    def take_ready(self) -> set[tuple[int, int]]:
+        """The waited ranges that are on disk now (each reader waiting for one may go); they are waited no more."""
+        with self.lock:
+            ready, self._ready = self._ready, set()
+            for key in ready:
+                self._waiting.pop(key, None)
+            return ready
+
+    def _mark_ready(self, candidates: list[tuple[int, int]]) -> bool:
+        new = [key for key in candidates if key not in self._ready and self.done.covers(*key)]
+        self._ready.update(new)
+        return bool(new)
 
     def claim(self) -> int | None:
         """A new part to fetch, or None when every byte is on disk or in flight.
@@ -144,15 +164,12 @@ class Parts:
                 self._flight[part] = Part(start, start, min(end or total, total, start + self.part_size))
 
     def wrote(self, part: int, start: int, end: int) -> bool:
-        """Bytes [start, end) of a part are on disk; True if that lets a waiting reader go."""
+        """Bytes [start, end) of a part are on disk; True if that lets a waiting reader go (`take_ready` says who)."""
         with self.lock:
             self.done.add(start, end)
             self._flight[part].pos = end
             self.fetched += end - start
-            return self.confirmed and any(s < end and start < e and self.done.covers(s, e) for s, e in self._waiting)
-
-    def _ready(self) -> bool:
-        return any(self.done.covers(s, e) for s, e in self._waiting)
+            return self.confirmed and self._mark_ready([k for k in self._waiting if k[0] < end and start < k[1]])
 
     def release(self, part: int) -> None:
         with self.lock:

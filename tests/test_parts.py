@@ -63,15 +63,31 @@ def test_writes_wake_only_readers_whose_bytes_are_all_there():
     part = p.claim()
     assert not p.wait(0, MB)
     assert not p.wait(2 * MB, 3 * MB)
+    assert not p.wait(2 * MB, 3 * MB)  # a second reader of the same bytes
     assert not p.wrote(part, 0, MB)  # not confirmed yet: the server has not answered for these bytes
+    assert p.take_ready() == set()
     assert p.confirm()  # now the first reader may go
-    assert not p.wrote(part, MB, 2 * MB + 100)  # the second reader's range is only partly there
+    assert not p.wrote(part, MB, 2 * MB + 100)  # the second range is only partly there: nobody new to wake
+    assert p.take_ready() == {(0, MB)}
     assert p.wrote(part, 2 * MB + 100, 3 * MB)
-    p.unwait(0, MB)
-    p.unwait(2 * MB, 3 * MB)
+    assert p.take_ready() == {(2 * MB, 3 * MB)}  # both of its readers go
+    assert p.take_ready() == set()
     assert not p.wrote(part, 3 * MB, 4 * MB)  # nobody waits
     assert p.wait(0, 4 * MB)  # already readable: nothing registered
     assert p.progress() == 4 * MB and p.fetched == 4 * MB
+
+
+def test_a_reader_that_goes_away_is_not_woken():
+    p = parts(8 * MB)
+    part = p.claim()
+    p.confirm()
+    assert not p.wait(0, MB) and not p.wait(0, MB)
+    p.unwait(0, MB)  # one of the two readers was cancelled
+    assert p.wrote(part, 0, MB) and p.take_ready() == {(0, MB)}  # the other one still goes
+    assert not p.wait(MB, 2 * MB)
+    assert p.wrote(part, MB, 2 * MB)
+    p.unwait(MB, 2 * MB)  # cancelled after its bytes came, before the loop woke it
+    assert p.take_ready() == set()
 
 
 def test_bytes_readers_may_have_seen():
