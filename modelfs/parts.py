@@ -185,23 +185,24 @@ class Parts:
             return sorted([p.start, p.pos, -1 if p.end is None else p.end] for p in self._flight.values())
 
 
-#: The stream added last must raise the throughput by this share of what one more stream ideally adds.
+#: The streams added last must raise the throughput by at least this share of what they ideally add.
 GAIN = 0.25
 
 
 class Growth:
-    """How many streams fetch a download: one at first, then one more each `window` seconds while the stream
-    added last raised the throughput by at least GAIN of what one more ideally adds (k streams over k-1: 1/(k-1)).
-    The first that does not is retired and the count stays: one stream where one fills the link (or the CPU),
-    up to `limit` where each connection is capped, as TCP's slow start or aria2 grow. The transfer feeds it the
-    clock and the bytes fetched."""
+    """How many streams fetch a download: one at first, then twice as many each `window` seconds while the streams
+    added last raised the throughput by at least GAIN of what they ideally add (k more streams over n: k/n). When
+    they do not, they are retired and the count stays where it was: one stream where one fills the link (or the
+    CPU), up to `limit` where each connection is capped, as TCP's slow start grows its window. The transfer feeds it
+    the clock and the bytes fetched."""
 
     def __init__(self, limit: int, window: float = 0.5) -> None:
         self.limit = max(1, limit)
         self.window = window
         self.target = 1
         self.settled = self.limit == 1
-        self.rates: list[float] = []  # the throughput measured with 1, 2, ... streams, for the log
+        self.rates: list[float] = []  # the throughput measured with each count tried, for the log
+        self._before = 1  # the count before the last growth
         self._mark: tuple[float, int] | None = None
 
     def sample(self, now: float, fetched: int) -> int:
@@ -216,14 +217,15 @@ class Growth:
             return self.target
         rate = (fetched - before) / (now - began)
         self._mark = (now, fetched)
-        if self.rates and rate < self.rates[-1] * (1 + GAIN / (self.target - 1)):
-            self.rates.append(rate)
-            self.target -= 1  # the last one added brought too little: retire it
+        added = self.target - self._before
+        paid = not self.rates or rate >= self.rates[-1] * (1 + GAIN * added / self._before)
+        self.rates.append(rate)
+        if not paid:
+            self.target = self._before  # the streams added last brought too little: retire them
+            self.settled = True
+        elif self.target >= self.limit:
             self.settled = True
         else:
-            self.rates.append(rate)
-            if self.target >= self.limit:
-                self.settled = True
-            else:
-                self.target += 1
+            self._before = self.target
+            self.target = min(self.limit, 2 * self.target)
         return self.target

@@ -111,10 +111,10 @@ def feed(growth: Growth, rate_of: dict[int, float], seconds: float = 10.0, step:
     return chosen
 
 
-def test_streams_grow_while_each_connection_is_capped():
+def test_streams_double_while_each_connection_is_capped():
     capped = {k: 25e6 * k for k in range(1, 9)}
     growth = Growth(8)
-    assert feed(growth, capped) == [1, 2, 3, 4, 5, 6, 7, 8] and growth.settled
+    assert feed(growth, capped) == [1, 2, 4, 8] and growth.settled
 
 
 def test_one_stream_where_one_fills_the_link():
@@ -123,17 +123,18 @@ def test_one_stream_where_one_fills_the_link():
     assert feed(growth, flat) == [1, 2, 1] and growth.settled and growth.target == 1
 
 
-def test_growth_stops_at_the_first_stream_that_adds_too_little():
+def test_growth_falls_back_to_the_last_count_that_paid():
     link = {1: 30e6, 2: 60e6, 3: 90e6, 4: 95e6, 5: 95e6, 6: 95e6, 7: 95e6, 8: 95e6}  # a 95 MB/s link
     growth = Growth(8)
-    assert feed(growth, link) == [1, 2, 3, 4, 3]
-    assert [round(r / 1e6) for r in growth.rates] == [30, 60, 90, 95]
+    assert feed(growth, link) == [1, 2, 4, 8, 4]  # 4 brought 58% more than 2 (25% of the ideal 100% asked)
+    assert [round(r / 1e6) for r in growth.rates] == [30, 60, 95, 95]
 
 
-def test_growth_waits_a_window_and_respects_the_limit():
+def test_growth_stops_at_the_limit_and_waits_a_window():
     growth = Growth(8, window=0.5)
     assert growth.sample(0.0, 0) == 1
     assert growth.sample(0.4, 10_000_000) == 1  # less than a window
     assert growth.sample(0.5, 12_000_000) == 2
     assert Growth(1).sample(0.0, 0) == 1 and Growth(1).settled
+    assert feed(Growth(6), {k: 25e6 * k for k in range(1, 7)}) == [1, 2, 4, 6]
     assert feed(Growth(3), {k: 25e6 * k for k in range(1, 4)}) == [1, 2, 3]
