@@ -22,11 +22,12 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from . import creads
+from .errors import Reason
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-#: Labels of `modelfs_downloads_failed_total`: why a download ended without a model.
-FAILURE_REASONS = ("not_found", "store_full", "corrupt", "unmount", "error")
+#: Labels of `modelfs_downloads_failed_total`: why a download ended without a model (errors.Reason).
+FAILURE_REASONS = tuple(reason.value for reason in Reason)
 #: Labels of `modelfs_router_requests_total{status}`: status classes, or what went wrong before any status.
 ROUTER_STATUSES = ("2xx", "3xx", "4xx", "5xx", "timeout", "error")
 #: Labels of `modelfs_passthrough_fallbacks_total{cause}`: why an open took the daemon path although passthrough is
@@ -84,30 +85,14 @@ class _CAnswers(Collector):
 REGISTRY.register(_CAnswers())
 
 
-def failure_reason(err: int, corrupt: bool, message: str) -> str:
-    """The `reason` label of a failed download, from its errno and kind (a fixed, small set)."""
-    if corrupt:
-        return "corrupt"
-    if err == errno.ENOENT:
-        return "not_found"
-    if err in (errno.ENOSPC, errno.EDQUOT):
-        return "store_full"
-    if "unmounting" in message:
-        return "unmount"
-    return "error"
-
-
-def download_finished(error: BaseException | None, fetched: int, seconds: float) -> None:
-    """Count one download's outcome: called once per download, where the fetcher logs it."""
+def download_finished(reason: Reason | None, fetched: int, seconds: float) -> None:
+    """Count one download's outcome (None: promoted): called once per download, where the fetcher logs it."""
     DOWNLOAD_BYTES.inc(max(fetched, 0))
     DOWNLOAD_SECONDS.observe(seconds)
-    if error is None:
+    if reason is None:
         DOWNLOADS_COMPLETED.inc()
     else:
-        err = getattr(error, "errno", None)
-        corrupt = type(error).__name__ == "Corrupt"
-        DOWNLOADS_FAILED.labels(reason=failure_reason(err if isinstance(err, int) else 0, corrupt,
-                                                      str(error))).inc()
+        DOWNLOADS_FAILED.labels(reason=reason.value).inc()
 
 
 def router_status(status: str) -> str:

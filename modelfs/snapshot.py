@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import __version__, creads
-from .errors import Failure
+from .errors import DownloadFailed, Failure
 from .fetcher import Download
 from .inodes import Inodes, Version
 from .passthrough import Passthrough
@@ -40,7 +40,10 @@ def download_state(download: Download) -> ModelState:
 
 def failed(failure: BaseException | str) -> ModelState:
     err = getattr(failure, "errno", None)
-    return {"state": FAILED, "errno": err if isinstance(err, int) else errno.EIO, "reason": str(failure)}
+    state: ModelState = {"state": FAILED, "errno": err if isinstance(err, int) else errno.EIO, "reason": str(failure)}
+    if isinstance(failure, DownloadFailed):
+        state["cause"] = failure.reason.value
+    return state
 
 
 class Status:
