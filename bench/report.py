@@ -140,3 +140,45 @@ def chart(rows: list[Row], out: Path, subtitle: str) -> str:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return f"chart: {out}"
+
+
+#: Rows drawn by download_chart: the cold-download cases, each against `curl -o` (or curl then the load).
+DOWNLOAD_ROWS = ("cold fetch", "cold load", "concurrent cold readers: wall")
+
+
+def download_chart(rows: list[Row], out: Path, subtitle: str) -> str:
+    """One bar per cold-download row: modelfs's speed relative to the direct path of the same run (curl), with
+    the row's target as a tick."""
+    drawn = [r for r in rows if r.ratio and any(k in r.case for k in DOWNLOAD_ROWS)]
+    if not drawn:
+        return "download chart: no download case measured"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "download chart skipped: matplotlib missing (.venv/bin/pip install -e '.[test]')"
+    speeds = [r.ratio if r.higher else 1 / r.ratio for r in drawn if r.ratio]
+    targets = [float(r.target.split()[1].rstrip("×")) for r in drawn]
+    targets = [t if r.higher else 1 / t for t, r in zip(targets, drawn, strict=True)]
+    fig, ax = plt.subplots(figsize=(11, 0.55 * len(drawn) + 1.6))
+    bars = ax.barh(range(len(drawn)), speeds, 0.5, color=["#2ca02c" if r.met else "#d62728" for r in drawn])
+    ax.bar_label(bars, [f"{v:.2f}" for v in speeds], padding=2, fontsize=8)
+    ax.scatter(targets, range(len(drawn)), marker="|", s=400, color="black", label="target", zorder=3)
+    ax.set_yticks(range(len(drawn)), [textwrap.fill(r.case, 48) for r in drawn], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.6, linestyle=":")
+    ax.set_xscale("log")
+    ticks = [t for t in (0.125, 0.25, 0.5, 1, 2, 4, 8, 16) if min(speeds + targets) / 2 <= t <= max(speeds) * 2]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("modelfs speed relative to the direct path of the same run (curl -o; for the readers row, one "
+                  "reader); log scale, higher is better", fontsize=8)
+    ax.set_title(f"modelfs cold downloads (green: target met)\n{subtitle}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return f"download chart: {out}"

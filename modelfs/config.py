@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import re
+import string
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Config:
     shared: tuple[Path, ...] = ()
     router: tuple[str, ...] = ()
     router_token: str | None = dataclasses.field(default=None, repr=False)
+    blob_url: str = "{router}/v0/models/blob/{name}"
     shared_timeout: float = 2.0
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
@@ -87,6 +89,23 @@ def _url(value: str) -> str:
 
 def _urls(value: Any) -> tuple[str, ...]:
     return tuple(_url(v) for v in _list(value))
+
+
+def _blob_url(value: Any) -> str:
+    """A template for where a model's bytes are: `{router}` then a path holding `{name}`, and nothing else."""
+    if not isinstance(value, str):
+        raise ValueError("expected a string such as {router}/v0/models/blob/{name}")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc}") from None
+    if {f for f in fields if f[0] not in ("router", "name") or f[1] or f[2]} or "{name}" not in value:
+        raise ValueError(f"{value!r} must use {{name}} (and {{router}}), no other field")
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{value!r}: a URL has no spaces")
+    if not value.startswith("{router}/") or "#" in value or value.count("{router}") != 1:
+        raise ValueError(f"{value!r} must start with {{router}}/ (modelfs contacts only the configured routers)")
+    return value
 
 
 def _positive_float(value: Any) -> float:
@@ -173,6 +192,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "shared": _paths,
     "router": _urls,
     "router_token": _token,
+    "blob_url": _blob_url,
     "shared_timeout": _positive_float,
     "connect_timeout": _positive_float,
     "read_timeout": _positive_float,
@@ -259,4 +279,15 @@ def load(
     for key, value in (flags or {}).items():
         if value is not None and value != ():
             merged[key] = _parse(key, value, f"option --{key.replace('_', '-')}")
-    return Config(**merged)
+    config = Config(**merged)
+    _check_blob_url(config)
+    return config
+
+
+def _check_blob_url(config: Config) -> None:
+    """Every model URL the template makes stays on its router's origin (scheme, host, port)."""
+    for router in config.router:
+        url = config.blob_url.format(router=router, name="org/model")
+        if urlsplit(url)[:2] != urlsplit(router)[:2] or urlsplit(url).path.count("//"):
+            raise ConfigError(f"setting 'blob_url': {config.blob_url!r} makes {url!r}, not a path on the router "
+                              f"{router}")

@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
-from . import metrics, names
+from . import creads, metrics, names
 from .errors import Failure
 from .inodes import Inodes, Version
 from .opener import Opener
@@ -37,6 +37,8 @@ BLKSIZE = 1 << 20
 #: 12, reads waiting on a stopped share or a download hold every slot and other files' read-ahead queues behind
 #: them (the soak in docs/performance.md). Read by the patched pyfuse3's FUSE_INIT handler.
 MAX_BACKGROUND = 256
+#: The extended attributes modelfs serves.
+XATTR_PREFIX = "user.modelfs."
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -78,6 +80,9 @@ class ModelFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
     max_background = MAX_BACKGROUND
+    #: The patched pyfuse3 answers getxattr of every other name with ENODATA in C (`ls -l` asks each entry for
+    #: ACLs and security labels); `getxattr` below does the same for an unpatched one.
+    served_xattr_prefixes = (XATTR_PREFIX.encode(),)
 
     def __init__(self, resolver: Resolver, opener: Opener, passthrough: Passthrough | None = None) -> None:
         super().__init__()
@@ -86,6 +91,7 @@ class ModelFS(pyfuse3.Operations):
         self.enable_passthrough = self.passthrough.wanted  # read by the patched pyfuse3's FUSE_INIT handler
         self.inodes = Inodes(resolver, opener, self.passthrough)
         self.status = Status(resolver, opener.quota, self.passthrough, self.inodes)
+        self.creads = creads.CReads()
         # Directory handles: the listing taken at opendir (None: a handle from before a restart, listed again).
         self._dirs: dict[int, tuple[str, list[tuple[str, Source | None]] | None]] = {}
         self._next_fh = 1
@@ -248,6 +254,8 @@ class ModelFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh, file, keep_cache = await self.inodes.open(self._version(inode))
+        if not file.backing_id:
+            self.creads.register(fh, file.reader)  # before the kernel learns fh: its reads never reach read()
         return file_info(fh, keep_cache, file.backing_id)
 
     @translated
@@ -258,6 +266,7 @@ class ModelFS(pyfuse3.Operations):
 
     @translated
     async def release(self, fh: int) -> None:
+        self.creads.unregister(fh)  # before the last handle's release closes the descriptor
         await self.inodes.release(fh)
 
     # Extended attributes: what modelfs did, for `getfattr` and `modelfs status` (see snapshot).
@@ -270,7 +279,7 @@ class ModelFS(pyfuse3.Operations):
 
     @translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if not name.startswith(b"user.modelfs."):  # `ls -l` asks every entry for ACLs and labels: answer at once
+        if not name.startswith(XATTR_PREFIX.encode()):  # `ls -l` asks every entry for ACLs and labels: answer at once
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         producer = self._xattrs(inode).get(name.decode(errors="replace"))
         if producer is None:

@@ -295,7 +295,7 @@ class Inodes:
 
     def restore(self, dirs: dict[int, str], versions: list[Version], handles: dict[int, Version],
                 next_inode: int, next_fh: int) -> None:
-        """Take over the tables of the daemon that served this connection before (see `resume`).
+        """Take over the tables of the daemon that served this connection before (see `recovery`).
 
         `versions` carry their open files (with the number of handles each); a path's newest inode is its current
         version.

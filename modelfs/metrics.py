@@ -5,7 +5,8 @@ label sets live in this one file, so they stay consistent with the Prometheus co
 base units, `_total` counters, labels from small fixed sets, never a model name). The registry is our own, not
 prometheus_client's global one, so nothing else in the process (or a second daemon in a test) mixes in. The
 server (`--metrics HOST:PORT`) is prometheus_client's, in a daemon thread: a scrape reads only these metric objects
-(thread-safe), never the daemon's own state. Gauges are set by the code that owns their value, when it changes
+(thread-safe) and the patched pyfuse3's counts of requests it answered in C (plain integers it keeps), never the
+daemon's own state. Gauges are set by the code that owns their value, when it changes
 (shared-directory health) or every second (store usage, see `quota`): no gauge calls back into the daemon.
 """
 
@@ -13,14 +14,20 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from . import creads
+from .errors import Reason
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-#: Labels of `modelfs_downloads_failed_total`: why a download ended without a model.
-FAILURE_REASONS = ("not_found", "store_full", "corrupt", "unmount", "error")
+#: Labels of `modelfs_downloads_failed_total`: why a download ended without a model (errors.Reason).
+FAILURE_REASONS = tuple(reason.value for reason in Reason)
 #: Labels of `modelfs_router_requests_total{status}`: status classes, or what went wrong before any status.
 ROUTER_STATUSES = ("2xx", "3xx", "4xx", "5xx", "timeout", "error")
 #: Labels of `modelfs_passthrough_fallbacks_total{cause}`: why an open took the daemon path although passthrough is
@@ -31,8 +38,8 @@ OPENS = Counter("modelfs_opens_total", "Files opened through the mount, by the s
                 ["source"], registry=REGISTRY)
 MISSES = Counter("modelfs_misses_total", "Lookups or opens of a model no source has (ENOENT).", registry=REGISTRY)
 DAEMON_READ_BYTES = Counter("modelfs_daemon_read_bytes_total",
-                            "Bytes the daemon served to read requests (not counting the kernel's page cache "
-                            "or passthrough).", registry=REGISTRY)
+                            "Bytes the daemon served to read requests in Python (not counting the kernel's page "
+                            "cache, passthrough, or reads answered in C).", registry=REGISTRY)
 PASSTHROUGH_OPENS = Counter("modelfs_passthrough_opens_total",
                             "Opens served by FUSE passthrough: the kernel reads the backing file itself.",
                             registry=REGISTRY)
@@ -64,30 +71,28 @@ EVICTIONS = Counter("modelfs_evictions_total", "Downloaded models evicted to kee
                     registry=REGISTRY)
 
 
-def failure_reason(err: int, corrupt: bool, message: str) -> str:
-    """The `reason` label of a failed download, from its errno and kind (a fixed, small set)."""
-    if corrupt:
-        return "corrupt"
-    if err == errno.ENOENT:
-        return "not_found"
-    if err in (errno.ENOSPC, errno.EDQUOT):
-        return "store_full"
-    if "unmounting" in message:
-        return "unmount"
-    return "error"
+class _CAnswers(Collector):
+    """Requests the patched pyfuse3 answers in C never reach Python: their counts are read at scrape time."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counts = creads.counts()
+        yield CounterMetricFamily("modelfs_daemon_c_read_bytes", "Bytes of local files the daemon served to read "
+                                  "requests in C, without Python (patched pyfuse3).", value=counts["read_bytes"])
+        yield CounterMetricFamily("modelfs_xattr_c_enodata", "getxattr requests for names modelfs does not serve, "
+                                  "answered with ENODATA in C.", value=counts["xattr_enodata"])
 
 
-def download_finished(error: BaseException | None, fetched: int, seconds: float) -> None:
-    """Count one download's outcome: called once per download, where the fetcher logs it."""
+REGISTRY.register(_CAnswers())
+
+
+def download_finished(reason: Reason | None, fetched: int, seconds: float) -> None:
+    """Count one download's outcome (None: promoted): called once per download, where the fetcher logs it."""
     DOWNLOAD_BYTES.inc(max(fetched, 0))
     DOWNLOAD_SECONDS.observe(seconds)
-    if error is None:
+    if reason is None:
         DOWNLOADS_COMPLETED.inc()
     else:
-        err = getattr(error, "errno", None)
-        corrupt = type(error).__name__ == "Corrupt"
-        DOWNLOADS_FAILED.labels(reason=failure_reason(err if isinstance(err, int) else 0, corrupt,
-                                                      str(error))).inc()
+        DOWNLOADS_FAILED.labels(reason=reason.value).inc()
 
 
 def router_status(status: str) -> str:

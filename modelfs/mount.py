@@ -3,7 +3,7 @@ and the end: a clean unmount, or a hand-over that leaves the mount to the next d
 
 Nothing else calls pyfuse3.init/resume/close. Start-up problems become `MountError` with a one-line reason.
 Readiness is reported once the mount is being served: to the service manager or supervisor (`READY=1` on
-NOTIFY_SOCKET, after its descriptors were given to it: see `resume`) and, when `modelfs mount` daemonized
+NOTIFY_SOCKET, after its descriptors were given to it: see `handover`) and, when `modelfs mount` daemonized
 itself, to the waiting parent through a pipe. SIGTERM, SIGINT and SIGHUP unmount; SIGUSR1 hands over.
 """
 
@@ -41,8 +41,8 @@ from .handover import (
 from .opener import Opener
 from .passthrough import Passthrough, PassthroughUnavailable
 from .quota import Quota
+from .recovery import Recorder, Restored, saved_version
 from .resolver import Resolver
-from .resume import Recorder, Restored, saved_version
 from .router import Router
 from .shared import SharedDir
 from .state import Journal, Saved, StateError
@@ -217,7 +217,7 @@ def _resume(daemon: Daemon, taken: TakeOver) -> bool:
 
 
 def _record(daemon: Daemon, journal: Journal) -> Recorder:
-    """Journal everything the kernel learns from now on (see `resume.Recorder`)."""
+    """Journal everything the kernel learns from now on (see `recovery.Recorder`)."""
     operations = daemon.operations
 
     def snapshot() -> Saved:

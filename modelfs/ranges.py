@@ -26,6 +26,11 @@ class RangeSet:
     def __repr__(self) -> str:
         return f"RangeSet({list(self)})"
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RangeSet) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
     @property
     def size(self) -> int:
         """Bytes covered."""

@@ -1,9 +1,9 @@
 """Open model files: how the bytes of each kind of source are read.
 
-A local file is read with `pread` right on the trio loop (page-cache reads of a local disk take microseconds, and
-a thread hop would cost more than the read). A shared file is read in a worker thread with a timeout, because its
-server may hang. A downloading file is read from the partial file once the download has written the bytes asked
-for, waiting only for those bytes.
+A local file is read right on the trio loop (page-cache reads of a local disk take microseconds, and a thread hop
+would cost more than the read): by the patched pyfuse3 in C where it can (`c_read`, see `creads`), else with
+`pread`. A shared file is read in a worker thread with a timeout, because its server may hang. A downloading file
+is read from the partial file once the download has written the bytes asked for, waiting only for those bytes.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ class Reader(Protocol):
     complete: bool  # the whole file is on disk: the kernel may read it itself (passthrough)
 
     async def read(self, offset: int, size: int) -> bytes | memoryview: ...
+
+    def c_read(self) -> tuple[int, int] | None:
+        """(fd, drop-behind bytes) if the patched pyfuse3 may answer this file's reads in C, else None.
+
+        Only a complete file on a local disk: those reads run on the trio loop, so never a shared file.
+        """
+        ...
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run a blocking call on this reader's file where that is safe (a worker thread for shared files)."""
@@ -108,6 +115,9 @@ class LocalReader:
         self.cache.served(offset, offset + len(data))
         return data
 
+    def c_read(self) -> tuple[int, int]:
+        return self.fd, DROP_LAG if self.cache.enabled else 0
+
     async def close(self) -> None:
         self.cache.close()
         os.close(self.fd)
@@ -137,6 +147,9 @@ class SharedReader:
         data = os.pread(self.fd, size, offset)
         self.cache.served(offset, offset + len(data))
         return data
+
+    def c_read(self) -> None:
+        return None  # a hung server would block the loop: reads stay in worker threads
 
     async def read(self, offset: int, size: int) -> bytes:
         try:
@@ -176,6 +189,9 @@ class DownloadReader:
         if self.download.done:  # pages of a file still being written are dirty: nothing to drop yet
             self.cache.served(offset, offset + len(data))
         return data
+
+    def c_read(self) -> None:
+        return None  # its reads wait for the download; a handle keeps this reader after it completes
 
     async def close(self) -> None:
         self.cache.close()

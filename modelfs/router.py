@@ -2,14 +2,16 @@
 
 Only the configured router URLs are ever contacted: redirects are followed by hand and only to a configured
 origin. Routers are tried in order, failing over on connection errors, timeouts and 5xx. Standard proxy variables
-(HTTP_PROXY, HTTPS_PROXY, NO_PROXY) apply, so a caching proxy can sit in front. The API key goes out as
-`Authorization: Bearer` and is never logged.
+(HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY) apply, so a caching proxy can sit in front. The API key goes out as
+`Authorization: Bearer` and is never logged. Metadata (HEAD, the list) is asked on the trio loop with httpx; model
+bodies go through `transport`, blocking, in download threads. Where a model's bytes are is the `blob_url`
+template (default `{router}/v0/models/blob/{name}`), so a plain HTTP export of a models directory serves too.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
+import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,29 +19,18 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
-import httpcore
 import httpx
 import trio
 
 from . import metrics, names
 from .config import Config
+from .transport import Pool, Response, Timeout, TransportError
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
-#: httpcore reads the socket 64 KiB at a time, which halves download speed on fast links; 1 MiB reads keep up
-#: with curl. A process-wide class attribute, but this process is modelfs and nothing else.
-SOCKET_READ = 1 << 20
-httpcore._sync.http11.HTTP11Connection.READ_NUM_BYTES = SOCKET_READ
-httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES = SOCKET_READ
+REDIRECTS = (301, 302, 303, 307, 308)
 USER_AGENT = "modelfs"
-#: A body socket wakes the download thread only once this many bytes are queued (SO_RCVLOWAT). nginx's sendfile
-#: lands on the receiver ~96 KiB at a time, and waking per arrival costs ~150 µs each: 2 s of CPU per GiB and half
-#: the speed of curl. The test router's blocking 8 MiB sendfile hid this.
-BODY_LOWAT = 1 << 20
-#: ...but never more than this many seconds' worth of bytes at the rate seen so far: a slow stream must not look
-#: stalled (read_timeout) or keep readers waiting for a full MiB.
-LOWAT_SECONDS = 0.05
 
 
 class RouterError(Exception):
@@ -73,31 +64,41 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme, parts.netloc.lower()
 
 
+def blob_url(template: str, base: str, name: str) -> str:
+    """The URL of model `name` on router `base`. A `{name}` that ends the template is one path segment, its `/`
+    encoded (llmlb's `/v0/models/blob/{name}` route); followed by more path it is a path (`{name}/model.gguf`)."""
+    safe = "" if template.endswith("{name}") else "/"
+    return template.format(router=base, name=quote(names.validate(name), safe=safe))
+
+
 class Router:
-    """All configured routers, with failover. Metadata calls are async (trio); blob streams are blocking."""
+    """All configured routers, with failover. Metadata calls are async (trio); blob GETs are blocking."""
 
     def __init__(self, config: Config) -> None:
         self.urls = config.router
         self.retries = config.retries
-        self.download_streams = config.download_streams  # ranged GETs at once per model, where Range is honoured
+        self.download_streams = config.download_streams  # ranged GETs at once per model, at most
         self.download_part_size = config.download_part_size
+        self.template = config.blob_url
         self.states = {url: RouterState(url) for url in self.urls}
         self._origins = {_origin(url) for url in self.urls}
-        headers = {"User-Agent": USER_AGENT}
+        self._headers = {"User-Agent": USER_AGENT}
         if config.router_token:
-            headers["Authorization"] = f"Bearer {config.router_token}"
+            self._headers["Authorization"] = f"Bearer {config.router_token}"
+        # One trust store for both clients: the system's, or SSL_CERT_FILE / SSL_CERT_DIR.
+        context = ssl.create_default_context()
         # Metadata must answer fast (a lookup waits on it); bodies may stall up to read_timeout.
-        self._meta_timeout = httpx.Timeout(min(config.read_timeout, 5.0), connect=config.connect_timeout)
-        self._blob_timeout = httpx.Timeout(config.read_timeout, connect=config.connect_timeout)
-        self.aclient = httpx.AsyncClient(headers=headers, timeout=self._meta_timeout, follow_redirects=False)
-        self.client = httpx.Client(headers=headers, timeout=self._blob_timeout, follow_redirects=False)
+        timeout = httpx.Timeout(min(config.read_timeout, 5.0), connect=config.connect_timeout)
+        self.aclient = httpx.AsyncClient(headers=self._headers, timeout=timeout, follow_redirects=False,
+                                         verify=context)
+        self.pool = Pool(context, config.connect_timeout, config.read_timeout, USER_AGENT)
 
     async def aclose(self) -> None:
         await self.aclient.aclose()
-        self.client.close()
+        self.pool.close()
 
     def blob_url(self, base: str, name: str) -> str:
-        return f"{base}/v0/models/blob/{quote(names.validate(name), safe='')}"
+        return blob_url(self.template, base, name)
 
     def _note(self, base: str, status: str) -> None:
         metrics.ROUTER_REQUESTS.labels(router=base, status=metrics.router_status(status)).inc()
@@ -105,16 +106,13 @@ class Router:
         state.last_status = status
         state.last_time = time.time()
 
-    def _next_url(self, response: httpx.Response) -> str:
+    def _next_url(self, url: str, status: int, location: str | None) -> str:
         """Where a redirect points, if it stays on a configured router; RouterError otherwise."""
-        location = response.headers.get("location")
         if not location:
-            raise RouterError(f"{response.url}: redirect {response.status_code} without Location")
-        target: str = urljoin(str(response.url), str(location))
+            raise RouterError(f"{url}: redirect {status} without Location")
+        target = urljoin(url, location)
         if _origin(target) not in self._origins:
-            raise RouterError(
-                f"{response.url}: refusing redirect to {target}: modelfs contacts only the configured routers"
-            )
+            raise RouterError(f"{url}: refusing redirect to {target}: modelfs contacts only the configured routers")
         return target
 
     async def head(self, name: str) -> RemoteModel:
@@ -137,7 +135,7 @@ class Router:
                     response = await self.aclient.head(url)
                     if not response.is_redirect:
                         break
-                    url = self._next_url(response)
+                    url = self._next_url(url, response.status_code, response.headers.get("location"))
                 if response.status_code == 404:
                     self._note(base, "404")
                     continue
@@ -149,7 +147,7 @@ class Router:
                 self._note(base, "200")
                 return RemoteModel(name, size, base)
             except (httpx.HTTPError, RouterError, ValueError) as exc:
-                message = _describe(exc)
+                message = describe(exc)
                 self._note(base, message)
                 errors.append(f"{base}: {message}")
         if errors:
@@ -178,44 +176,39 @@ class Router:
                 found.update(parse_model_list(response.json()))
                 self._note(base, "list ok")
             except (httpx.HTTPError, ValueError) as exc:
-                self._note(base, _describe(exc))
-                log.info("router %s: cannot list models (%s)", base, _describe(exc))
-                errors.append(f"{base}: {_describe(exc)}")
+                self._note(base, describe(exc))
+                log.info("router %s: cannot list models (%s)", base, describe(exc))
+                errors.append(f"{base}: {describe(exc)}")
         if len(errors) == len(self.urls):
             raise RouterError("no router listed its models: " + "; ".join(errors))
         return found
 
     @contextmanager
-    def stream(self, name: str, headers: dict[str, str]) -> Iterator[httpx.Response]:
+    def stream(self, name: str, headers: dict[str, str]) -> Iterator[Response]:
         """Open the blob GET of `name` on the first router that serves it; blocking, for a worker thread.
 
-        Raises NotFound if every router that answered said 404, RouterError if none could serve it.
+        The answer is a 200, 206 or 416 (the caller judges which); NotFound if every router that answered said
+        404, RouterError if none could serve it.
         """
         errors: list[str] = []
         saw_404 = False
         for base in self.urls:
-            url = self.blob_url(base, name)
             try:
-                for _ in range(MAX_REDIRECTS + 1):
-                    response = self.client.send(self.client.build_request("GET", url, headers=headers), stream=True)
-                    if not response.is_redirect:
-                        break
-                    response.close()
-                    url = self._next_url(response)
-                if response.status_code == 404:
+                response = self._get(self.blob_url(base, name), headers)
+                if response.status == 404:
                     response.close()
                     self._note(base, "404")
                     saw_404 = True
                     continue
-                if response.status_code not in (200, 206):
+                if response.status not in (200, 206, 416):
                     response.close()
-                    raise RouterError(f"HTTP {response.status_code}")
-            except (httpx.HTTPError, RouterError) as exc:
-                message = _describe(exc)
+                    raise RouterError(f"HTTP {response.status}")
+            except (TransportError, RouterError) as exc:
+                message = describe(exc)
                 self._note(base, message)
                 errors.append(f"{base}: {message}")
                 continue
-            self._note(base, str(response.status_code))
+            self._note(base, str(response.status))
             try:
                 yield response
             finally:
@@ -225,42 +218,15 @@ class Router:
             raise NotFound(name)
         raise RouterError(f"model {name!r}: " + "; ".join(errors or ["no router configured"]))
 
-
-def iter_body(response: httpx.Response) -> Iterator[bytes]:
-    """The raw body of a blob response in large chunks, for a worker thread.
-
-    Raises the low-water mark of the socket (see BODY_LOWAT) to what arrives in LOWAT_SECONDS at the rate seen so
-    far, and to what is left of the body near its end (a kept-alive connection sends no EOF to wake us). h11 hands
-    out every body byte it has buffered, so "left" is what is still on the wire.
-    """
-    stream = response.extensions.get("network_stream")
-    sock = stream.get_extra_info("socket") if stream is not None else None
-    length = response.headers.get("content-length")
-    left = int(length) if length and length.isdigit() else None
-    lowat = 1
-    began = time.monotonic()
-    got = 0
-    try:
-        for chunk in response.iter_raw():
-            yield chunk
-            got += len(chunk)
-            if sock is None or left is None:
-                continue
-            rate = got / max(time.monotonic() - began, 1e-3)
-            wanted = max(1, min(BODY_LOWAT, int(rate * LOWAT_SECONDS), left - got))
-            if wanted != lowat and (wanted < lowat or wanted >= 2 * lowat):
-                lowat = _set_lowat(sock, wanted)
-    finally:
-        if lowat != 1 and sock is not None:
-            _set_lowat(sock, 1)  # the connection goes back to the pool: the next response starts with headers
-
-
-def _set_lowat(sock: socket.socket, value: int) -> int:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
-    except OSError:
-        return 1  # closed underneath us: nothing more to read anyway
-    return value
+    def _get(self, url: str, headers: dict[str, str]) -> Response:
+        """GET with the router's headers, following redirects that stay on a configured router."""
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self.pool.get(url, {**self._headers, **headers})
+            if response.status not in REDIRECTS:
+                return response
+            response.close()
+            url = self._next_url(url, response.status, response.headers.get("location"))
+        raise RouterError(f"{url}: more than {MAX_REDIRECTS} redirects")
 
 
 def parse_model_list(data: Any) -> dict[str, int]:
@@ -284,14 +250,14 @@ def parse_model_list(data: Any) -> dict[str, int]:
     return models
 
 
-def _describe(exc: Exception) -> str:
+def describe(exc: Exception) -> str:
     """A short reason for a log line; never includes request headers (the API key)."""
     if isinstance(exc, httpx.TimeoutException):
         return f"timed out ({type(exc).__name__})"
+    if isinstance(exc, Timeout):
+        return f"timed out ({exc})"
     if isinstance(exc, httpx.HTTPStatusError):
         return f"HTTP {exc.response.status_code}"
     if isinstance(exc, httpx.HTTPError):
         return f"{type(exc).__name__}: {exc}"
     return str(exc)
-
-

@@ -13,8 +13,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import __version__
-from .errors import Failure
+from . import __version__, creads
+from .errors import DownloadFailed, Failure
 from .fetcher import Download
 from .inodes import Inodes, Version
 from .passthrough import Passthrough
@@ -40,7 +40,10 @@ def download_state(download: Download) -> ModelState:
 
 def failed(failure: BaseException | str) -> ModelState:
     err = getattr(failure, "errno", None)
-    return {"state": FAILED, "errno": err if isinstance(err, int) else errno.EIO, "reason": str(failure)}
+    state: ModelState = {"state": FAILED, "errno": err if isinstance(err, int) else errno.EIO, "reason": str(failure)}
+    if isinstance(failure, DownloadFailed):
+        state["cause"] = failure.reason.value
+    return state
 
 
 class Status:
@@ -122,6 +125,7 @@ class Status:
             "failures": {name: failed(failure) for name, failure in failures.items()},
             "open": self.inodes.open_counts(),
             "passthrough": self.passthrough_state(),
+            "c_answers": creads.counts(),  # requests the patched pyfuse3 answered in C (daemon path)
             "inodes": self.inodes.counts(),
         }
 

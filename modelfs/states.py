@@ -29,6 +29,7 @@ class ModelState(TypedDict, total=False):
     parts: list[list[int]]  # [start, next byte, end] of each ranged GET in flight (end -1: size unknown)
     errno: int  # failed: what readers got
     reason: str  # failed: why, for people
+    cause: str  # failed download: why, from a fixed set (errors.Reason: not_found, store_full, corrupt, ...)
 
 
 def describe(state: Mapping[str, Any]) -> str:

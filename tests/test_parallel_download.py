@@ -173,3 +173,23 @@ def test_a_new_version_between_runs_starts_over(mount, router, dirs):
     first = gets(r, "versioned")[0]
     assert first["if_range"] and first["status"] == 200  # If-Range failed: the whole new file
     assert "starting over from byte 0" in m2.log_text()
+
+
+def test_parts_share_kept_alive_connections(mount, router, dirs):
+    """Each part's body is read to its end, so its connection carries the next part: a download opens about one
+    connection per stream, not one per part."""
+    r = router("range")
+    data = gguf_bytes(16 * MB)
+    write_model(r.models_dir, "reuse", data)
+    m = mount("--router", r.url, env=PARTS)
+    assert os.stat(m.model("reuse")).st_size == len(data)  # the list and HEAD first: not the download's
+    r.reset()
+    r.control(rate=3 * MB)  # per connection: more streams pay, and each carries several 1 MiB parts
+    assert m.model("reuse").read_bytes() == data
+    wait_for((dirs["store"] / "reuse" / "model.gguf").exists, what="promotion")
+    requests = gets(r, "reuse")
+    assert len(requests) >= 16 and all(q["status"] == 206 for q in requests)
+    opened = int(re.search(r"downloaded reuse: .* (\d+) connection\(s\)", m.log_text()).group(1))
+    assert 2 <= opened <= 4, m.log_text()  # it grew past one stream, never past download_streams, one each
+    assert r.connections() <= opened + 1  # + a refresh of the model list, if one fell in (metadata: httpx)
+    assert r.bytes_sent("reuse") == len(data)

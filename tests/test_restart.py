@@ -211,6 +211,43 @@ def test_readers_see_only_a_pause(mount, router, dirs, readers, how):
     assert ("died (signal SIGKILL)" in log) == (how == "kill9")
 
 
+def test_bytes_a_resumed_download_has_on_disk_are_served_at_once(mount, router, dirs, readers):
+    """A router that honours Range: the restarted download goes on at its gap, far past byte 0. A read of bytes
+    the resume record says are on disk, sent while no daemon served, is answered as soon as the new daemon serves,
+    not when the download ends."""
+    r = router("range")
+    remote = write_model(r.models_dir, "big", data := gguf_bytes(16 * MB))
+    r.control(rate=MB)  # one stream: about 16 s
+    m = mount("--router", r.url, "--passthrough", "off", env={"MODELFS_DOWNLOAD_STREAMS": "1"})
+    readers.start("stream", m.model("big"), remote, 0)
+    readers.ready()
+    sidecar = dirs["store"] / "big" / ".model.gguf.partial.json"
+
+    def recorded() -> int:
+        try:
+            return sum(end - start for start, end in json.loads(sidecar.read_text())["ranges"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    wait_for(lambda: recorded() >= 3 * MB, timeout=30, what="3 MiB recorded")
+    before = held(m.path)
+    os.kill(before["pid"], signal.SIGKILL)
+    # While no daemon serves: a new reader of the first MiB (on disk, recorded), its page cache dropped.
+    early = subprocess.Popen([sys.executable, "-c", "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                              "os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); t = time.monotonic(); "
+                              "d = os.pread(fd, 1 << 20, 0); print(time.monotonic() - t, len(d), flush=True); "
+                              "sys.stdout.buffer.write(d)", str(m.model("big"))], stdout=subprocess.PIPE)
+    new_daemon(m.path, before["pid"])
+    out, _ = early.communicate(timeout=60)
+    seconds, size = out.split(b"\n", 1)[0].split()
+    assert out.split(b"\n", 1)[1] == data[:MB] and int(size) == MB
+    assert float(seconds) < 5, f"the first MiB took {float(seconds):.1f}s: it waited for the download"
+    for result in readers.results(timeout=90):
+        assert result["errors"] == [] and result["wrong"] == 0, result
+    second = [q for q in r.stats()["requests"] if q["method"] == "GET" and q["name"] == "big"][1:]
+    assert second and all(q["status"] == 206 for q in second)  # resumed, not fetched again from byte 0
+
+
 def test_inode_numbers_and_open_files_survive_a_compacted_journal(mount, dirs):
     """Thousands of names make the journal compact (a new memory file at the holder) before the crash."""
     data = gguf_bytes(8192)

@@ -216,6 +216,20 @@ def test_range_requests(ranged: RouterProcess, models_dir: Path) -> None:
     assert ranged.stats()["requests"][-1]["if_range"] == '"stale-etag"'
 
 
+def test_connections_are_counted_once_however_many_requests_they_carry(ranged: RouterProcess,
+                                                                       models_dir: Path) -> None:
+    data = blob(models_dir, "big")
+    with httpx.Client() as client:  # one kept-alive connection for three requests
+        for start in (0, 100, 1000):
+            r = client.get(ranged.url + "/v0/models/blob/big", headers={"Range": f"bytes={start}-{start + 9}"})
+            assert r.status_code == 206 and r.content == data[start:start + 10]
+    for _ in range(2):  # a new connection each
+        assert httpx.get(ranged.url + "/v0/models/blob/tiny").status_code == 200
+    assert ranged.connections() == 3
+    ranged.reset()
+    assert ranged.connections() == 0
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -357,7 +371,7 @@ def test_control_rejects_unknown_field_and_reset_clears(llmlb: RouterProcess) ->
     while llmlb.bytes_sent("tiny") == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     llmlb.reset()
-    assert llmlb.stats() == {"requests": [], "bytes_sent": {}, "blob_gets": {}}
+    assert llmlb.stats() == {"requests": [], "bytes_sent": {}, "blob_gets": {}, "connections": 0}
     assert httpx.get(llmlb.url + "/v0/models/blob/tiny").status_code == 200
 
 

@@ -105,6 +105,11 @@ class RouterProcess:
     def blob_gets(self, name: str) -> int:
         return int(self.stats()["blob_gets"].get(name, 0))
 
+    def connections(self) -> int:
+        """TCP connections that carried model API (/v0/) requests since start or the last reset(): a kept-alive
+        connection counts once however many requests it carried; control calls (this one) never count."""
+        return int(self.stats()["connections"])
+
     def stop(self) -> None:
         """Terminate, then kill after 5 s; idempotent."""
         stop_process(self.proc)

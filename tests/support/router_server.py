@@ -95,6 +95,11 @@ class RouterHandler(BaseHTTPRequestHandler):
 
     # ---- plumbing
 
+    def setup(self) -> None:
+        """Once per accepted connection (a kept-alive one carries several requests)."""
+        super().setup()
+        self.counted = False  # whether this connection carried a model API request yet
+
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Silenced: we log one line per request ourselves, after the body."""
 
@@ -194,6 +199,9 @@ class RouterHandler(BaseHTTPRequestHandler):
         return self.headers.get("X-API-Key")
 
     def _v0(self, path: str) -> None:
+        if not self.counted:
+            self.server.stats.connected()
+            self.counted = True
         name = urllib.parse.unquote(path[len(BLOB_PREFIX):]) if path.startswith(BLOB_PREFIX) else None
         credential = self._credential()
         self.record = self.server.stats.new_request({

@@ -107,12 +107,18 @@ class Stats:
         self.requests: list[dict[str, Any]] = []
         self.bytes_sent: dict[str, int] = {}
         self.blob_gets: dict[str, int] = {}
+        self.connections = 0  # TCP connections that carried model API (/v0/) requests
 
     def reset(self) -> None:
         with self.lock:
             self.requests = []
             self.bytes_sent = {}
             self.blob_gets = {}
+            self.connections = 0
+
+    def connected(self) -> None:
+        with self.lock:
+            self.connections += 1
 
     def new_request(self, record: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
@@ -135,4 +141,5 @@ class Stats:
                 "requests": [dict(r) for r in self.requests],
                 "bytes_sent": dict(self.bytes_sent),
                 "blob_gets": dict(self.blob_gets),
+                "connections": self.connections,
             }
