@@ -65,6 +65,8 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
     if not raw:
         raise RuntimeError(f"{mountpoint} is not a running modelfs mount")
     state: dict[str, Any] = json.loads(raw)
+    if state.get("state") == "failed":  # the supervisor gave up: it answers this attribute and nothing else
+        return state
     models: list[dict[str, Any]] = []
     pending = [mountpoint]
     while pending:
@@ -108,9 +110,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(state, indent=2))
         return 0
+    if state.get("state") == "failed":
+        print(f"modelfs at {args.mountpoint}: FAILED, every request gets EIO: {state.get('reason', '?')}")
+        print(f"supervisor pid {state.get('supervisor_pid')}: `modelfs restart {args.mountpoint}` tries again")
+        return 1
     store = state["store"]
     limit = f" of {store['max_bytes'] / 1e9:.1f} GB" if store.get("max_bytes") else ""
     print(f"modelfs {state['version']} at {args.mountpoint}")
+    print(f"daemon  {_daemon_line(state)}")
     print(f"store   {store['path']}: {store['usage_bytes'] / 1e9:.2f} GB used{limit}")
     passthrough = state.get("passthrough")
     if isinstance(passthrough, dict):
@@ -127,6 +134,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{model['name']:40} {model['source']:7} {model['size'] / 1e9:9.2f}G  {describe(model)}  "
               f"{model['path']}")
     return 0
+
+
+def _daemon_line(state: dict[str, Any]) -> str:
+    """`pid 123 (connection held by supervisor pid 100), 2 restarts, last pause 0.16 s`."""
+    held = state.get("held_by") or "nothing"
+    holder = f"{held} pid {state['supervisor_pid']}" if state.get("supervisor_pid") else held
+    line = f"pid {state.get('pid')} (connection held by {holder}), {state.get('restarts', 0)} restarts"
+    pause = state.get("last_restart_pause_s")
+    return line + (f", last pause {pause:.2f} s" if isinstance(pause, (int, float)) else "")
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:

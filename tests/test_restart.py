@@ -324,6 +324,8 @@ def test_a_crash_loop_ends_in_eio_and_restart_recovers(mount, dirs, tmp_path):
         assert failed.value.errno == errno.EIO and time.monotonic() - t < 2
     failed_status = status(m.path)
     assert failed_status["state"] == "failed" and "6 times in a row" in failed_status["reason"]
+    human = subprocess.run([*MODELFS, "status", str(m.path)], capture_output=True, text=True, timeout=30)
+    assert human.returncode == 1 and "FAILED, every request gets EIO" in human.stdout, (human.stdout, human.stderr)
     config.write_text(f'store = "{dirs["store"]}"\n')  # fixed: `modelfs restart` tries again
     done = subprocess.run([*MODELFS, "restart", str(m.path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -433,6 +435,9 @@ def test_status_and_metrics_name_the_daemon_and_count_restarts(mount, dirs):
     samples = scrape()
     assert samples[("modelfs_daemon_info", (("held_by", "supervisor"), ("pid", str(now["pid"]))))] == 1
     assert 0 < samples[("modelfs_restart_pause_seconds", ())] < 10
+    human = subprocess.run([*MODELFS, "status", str(m.path)], capture_output=True, text=True, timeout=30).stdout
+    assert (f"daemon  pid {now['pid']} (connection held by supervisor pid {first['supervisor_pid']}), 2 restarts, "
+            "last pause ") in human, human
 
 
 def test_restart_refuses_a_modelfs_that_would_negotiate_differently(mount, dirs):
