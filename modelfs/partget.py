@@ -72,7 +72,7 @@ class PartGet:
         self.record = record
         self.wake = wake
         self.answered = False  # the first answer of this run came
-        self.parallel = False  # ...and it was a 206 with the size: other streams may start
+        self.parallel = False  # ...and it was a 206 with the size, not from a filling cache: more streams may start
         self.connections = 0  # connections opened (not reused) for this download
         self._lock = threading.Lock()
 
@@ -100,7 +100,13 @@ class PartGet:
                 if version is None:
                     self.record.begin(answer.version)
                 parts.set_total(answer.version.total, part, start)
-                self.parallel = answer.version.total is not None
+                # A cache still filling from the origin gets one stream, its parts one after another: a fleet's
+                # nodes must not pile parallel parts onto the one fill. A warm cache gets parallel parts.
+                filling = ranged.cache_filling(response.headers)
+                if filling:
+                    log.info("download of %s: the cache says it is still filling from the origin; one stream",
+                             self.name)
+                self.parallel = answer.version.total is not None and not filling
             self.answered = True
             if not parts.confirmed and parts.confirm():  # resumed bytes are of the server's version: readable
                 self.wake()

@@ -5,6 +5,7 @@ Bytes already on disk are continued only with an answer that proves it is the sa
 byte asked, of the same size, validator and digest. A validator guards a range only if it is strong (RFC 9110
 13.1.5): a strong ETag, or, when there is no ETag at all, a Last-Modified at least a second older than the
 response's Date (8.8.2.2). llmlb sends neither and ignores Range: a 200 with the whole body, from byte 0.
+A caching proxy may say it is still filling the blob from the origin (`cache_filling`): parts there would only wait.
 """
 
 from __future__ import annotations
@@ -95,6 +96,19 @@ def judge(answer: Answer, asked: int, held: Version | None) -> tuple[Verdict, st
         if differs:
             return Verdict.NEW_VERSION, "the server has another version (" + "; ".join(differs) + ")"
     return Verdict.CONTINUE, ""
+
+
+def cache_filling(headers: Mapping[str, str]) -> bool:
+    """Whether a caching proxy says it is still fetching this blob from the origin: a miss, in nginx's
+    `X-Cache-Status` (as the shipped configs add it) or squid's `X-Cache` (sent to every request that joined the
+    fill too). Parallel parts would only wait there, for bytes the fill has not reached (squid) or for its end
+    (nginx), and N nodes times parallel parts would pile onto the one fill; a hit, or no such header, says
+    nothing against them."""
+    for header in ("x-cache-status", "x-cache"):
+        words = headers.get(header, "").split()
+        if words and words[0].upper() in ("MISS", "EXPIRED"):
+            return True
+    return False
 
 
 def parse_content_range(value: str, unsatisfied: bool = False) -> tuple[int, int, int | None]:

@@ -1,5 +1,5 @@
 """The ranged-GET protocol (modelfs.ranged), pure: request headers, parsing of 200/206/416 answers, validators,
-digests, and what an answer means for the bytes already on disk."""
+digests, what an answer means for the bytes already on disk, and whether a caching proxy says it is still filling."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from modelfs.ranged import (
     BadAnswer,
     Verdict,
     Version,
+    cache_filling,
     judge,
     parse,
     parse_content_range,
@@ -136,3 +137,18 @@ def test_a_200_is_the_whole_file_and_a_416_a_new_version():
     assert judge(Answer(200, 0, SIZE, V), 500, V)[0] is Verdict.WHOLE
     verdict, why = judge(Answer(416, 0, 0, Version(400, None, None)), 500, V)
     assert verdict is Verdict.NEW_VERSION and "400 bytes" in why
+
+
+@pytest.mark.parametrize(("headers", "filling"), [
+    ({"x-cache-status": "MISS"}, True),  # nginx, as the shipped configs add it
+    ({"x-cache": "MISS from cache-1"}, True),  # squid, also to requests collapsed onto the fill
+    ({"x-cache-status": "EXPIRED"}, True),  # nginx refetching a stale entry
+    ({"x-cache": "miss from cache-1"}, True),
+    ({"x-cache-status": "HIT"}, False),
+    ({"x-cache": "HIT from cache-1"}, False),
+    ({"x-cache-status": "UPDATING"}, False),  # a stale entry served while it is refreshed: all there
+    ({"x-cache-status": ""}, False),
+    ({}, False),  # no cache in front, or one that says nothing: parallel parts as usual
+])
+def test_a_cache_that_says_it_is_filling_is_recognised(headers, filling):
+    assert cache_filling(headers) is filling
