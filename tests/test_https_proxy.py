@@ -5,76 +5,25 @@ that only relays CONNECT tunnels. Metadata (httpx) and model bodies (modelfs.tra
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.models import gguf_bytes, write_model
-from tests.support.procs import free_port, stop_process, wait_for
+from tests.support.procs import wait_for
+from tests.support.squid import Squid
 
 MB = 1 << 20
 
 
-class ForwardSquid:
-    """squid -N as a plain forward proxy for 127.0.0.1 (CONNECT to any port), nothing cached; its files in a
-    directory of its own owned by the `proxy` user squid drops to. Removed by stop()."""
-
-    def __init__(self) -> None:
-        self.prefix = Path(tempfile.mkdtemp(prefix="modelfs-fwd-squid-"))
-        shutil.chown(self.prefix, "proxy", "proxy")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.access_log = self.prefix / "access.log"
-        conf = self.prefix / "squid.conf"
-        conf.write_text(f"""\
-http_port 127.0.0.1:{self.port}
-acl CONNECT method CONNECT
-http_access allow localhost
-http_access deny all
-cache deny all
-cache_effective_user proxy
-access_log stdio:{self.access_log}
-cache_log {self.prefix}/cache.log
-pid_filename {self.prefix}/squid.pid
-coredump_dir {self.prefix}
-shutdown_lifetime 1 second
-""")
-        with open(self.prefix / "stderr.log", "wb") as stderr:
-            # A service name of its own: squids running at once (other tests) must not share shared memory.
-            self.proc = subprocess.Popen(["squid", "-N", "-n", f"modelfsfwd{self.port}", "-f", str(conf)],
-                                         stdout=stderr, stderr=stderr)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    log = (self.prefix / "cache.log").read_text(errors="replace")[-2000:]
-                    self.stop()
-                    raise RuntimeError(f"squid did not start:\n{log}") from None
-                time.sleep(0.05)
-
-    def lines(self) -> list[str]:
-        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
-
-    def stop(self) -> None:
-        stop_process(self.proc, timeout=15)
-        shutil.rmtree(self.prefix, ignore_errors=True)
-
-
 @pytest.fixture
-def squid() -> Iterator[ForwardSquid]:
+def squid() -> Iterator[Squid]:
     if shutil.which("squid") is None:
         pytest.skip("squid not installed")
-    proxy = ForwardSquid()
-    yield proxy
-    proxy.stop()
+    with Squid.forward() as proxy:
+        yield proxy
 
 
 def self_signed(where: Path) -> tuple[Path, Path]:
@@ -106,8 +55,8 @@ def test_https_router_through_a_connect_proxy(mount, nginx, squid, tmp_path, dir
     m.stop()  # squid logs a tunnel when it closes: unmounting closes the kept-alive ones
 
     def tunnels() -> list[str]:
-        return [line for line in squid.lines() if " CONNECT " in line]
+        return [line for line in squid.log_lines() if " CONNECT " in line]
 
     wait_for(lambda: len(tunnels()) >= 2, what="squid to log the tunnels")  # metadata's and at least a body's
-    assert all(f"127.0.0.1:{server.port}" in line for line in tunnels()), squid.lines()
-    assert not [line for line in squid.lines() if " GET " in line]  # nothing in clear through the proxy
+    assert all(f"127.0.0.1:{server.port}" in line for line in tunnels()), squid.log_lines()
+    assert not [line for line in squid.log_lines() if " GET " in line]  # nothing in clear through the proxy

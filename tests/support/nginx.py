@@ -1,6 +1,7 @@
-"""A real nginx of its own (not a daemon, its files in one prefix directory), in one of two roles: the shipped
-caching proxy (systemd/nginx-modelfs-cache.conf) in front of a test router, or a plain file server of a models
-directory in the llmlb API, which honours Range natively, optionally limited per connection.
+"""A real nginx of its own (not a daemon, its files in one prefix directory), in one of two roles: a shipped
+caching proxy (systemd/nginx-modelfs-cache.conf for whole blobs, nginx-modelfs-slice.conf for slices) in front of a
+test origin, or a plain file server of a models directory in the llmlb API and as a plain export, which honours
+Range natively, optionally limited per connection.
 """
 
 from __future__ import annotations
@@ -17,7 +18,18 @@ from tests.support.procs import free_port, stop_process, wait_port
 from tests.support.router_server import BLOB_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
+#: For an origin that ignores Range (llmlb's blob route): whole blobs, one cache entry each.
 CACHE_CONF = ROOT / "systemd" / "nginx-modelfs-cache.conf"
+#: For an origin that honours Range (a plain HTTP export): the slice module.
+SLICE_CONF = ROOT / "systemd" / "nginx-modelfs-slice.conf"
+
+
+def replace_once(pattern: str, replacement: str, text: str, what: str, flags: int = 0) -> str:
+    """re.sub that insists on exactly one match: a shipped config that changed shape must fail loudly."""
+    new, n = re.subn(pattern, replacement, text, flags=flags)
+    if n != 1:
+        raise AssertionError(f"{what}: {pattern!r} matched {n} times")
+    return new
 
 
 class Nginx:
@@ -64,15 +76,18 @@ http {{
             raise RuntimeError(f"nginx did not start ({exc}):\n" + "\n".join(logs)) from None
 
     @classmethod
-    def shipped(cls, prefix: Path, router_port: int, conf: Path = CACHE_CONF) -> Nginx:
-        """The shipped caching proxy `conf`, its upstream the router on `router_port`, its cache under `prefix`."""
+    def shipped(cls, prefix: Path, router_port: int, conf: Path = CACHE_CONF,
+                overrides: dict[str, str] | None = None) -> Nginx:
+        """The shipped caching proxy `conf`, its upstream the origin on `router_port`, its cache under `prefix`;
+        `overrides` give directives other values (name -> value; each must occur exactly once)."""
         port = free_port()
         snippet = conf.read_text().replace("/var/cache/nginx/modelfs", str(prefix / "cache"))
-        snippet, n = re.subn(r"upstream llmlb \{.*?\}", f"upstream llmlb {{\n    server 127.0.0.1:{router_port};\n}}",
-                             snippet, flags=re.S)
-        assert n == 1, f"{conf} has no upstream llmlb block to point at the test router"
-        snippet, n = re.subn(r"listen 8080;", f"listen 127.0.0.1:{port};", snippet)
-        assert n == 1, f"{conf} does not listen on 8080"
+        snippet = replace_once(r"upstream llmlb \{.*?\}", f"upstream llmlb {{\n    server 127.0.0.1:{router_port};\n}}",
+                               snippet, f"{conf.name}'s upstream llmlb block", re.S)
+        snippet = replace_once(r"listen 8080;", f"listen 127.0.0.1:{port};", snippet, f"{conf.name}'s listen")
+        for name, value in (overrides or {}).items():
+            snippet = replace_once(rf"(?m)^(\s*{re.escape(name)}) [^;]*;", rf"\g<1> {value};", snippet,
+                                   f"{conf.name}'s {name}")
         return cls(prefix, snippet, port)
 
     @classmethod
@@ -108,17 +123,28 @@ server {{
         return [line for line in self.access_log.read_text().splitlines() if f" {uri} " in line]
 
     def reset(self) -> None:
-        """Count bytes sent from now on (`bytes_sent`)."""
+        """Count requests and bytes from now on (`blob_gets`, `bytes_sent`)."""
         self._log_start = self.access_log.stat().st_size if self.access_log.exists() else 0
 
-    def bytes_sent(self, name: str) -> int:
-        """Body bytes sent for model `name` since `reset()`, from the access log (written when a request ends)."""
+    def _model_gets(self, name: str) -> list[int]:
+        """Body bytes of each GET of model `name` since `reset()`, at llmlb's blob route or at a plain export's
+        path, from the access log (written when a request ends)."""
+        if not self.access_log.exists():
+            return []
         with open(self.access_log, "rb") as log:
             log.seek(self._log_start)
             lines = log.read().decode(errors="replace").splitlines()
-        wanted = BLOB_PREFIX + name
-        return sum(int(line.rpartition("body=")[2]) for line in lines
-                   if line.startswith("GET ") and urllib.parse.unquote(line.split()[1]) == wanted)  # %2F or /
+        wanted = (BLOB_PREFIX + name, f"/{name}/model.gguf")
+        return [int(line.rpartition("body=")[2]) for line in lines
+                if line.startswith("GET ") and urllib.parse.unquote(line.split()[1]) in wanted]  # %2F or /
+
+    def blob_gets(self, name: str) -> int:
+        """GETs of model `name` since `reset()` (as the test router counts them)."""
+        return len(self._model_gets(name))
+
+    def bytes_sent(self, name: str) -> int:
+        """Body bytes sent for model `name` since `reset()` (as the test router counts them)."""
+        return sum(self._model_gets(name))
 
     def stop(self) -> None:
         stop_process(self.proc, timeout=10)
