@@ -2,7 +2,8 @@
 same >= 1 GiB GGUF model at once behind each shipped proxy config; the origin sends at most --rate per connection.
 Target (issue 20): origin bytes <= 1.10x the model for the whole herd, herd wall <= 1.3x one download at the
 origin's rate (size / rate). Then N fresh nodes read the model from the cache the herd filled (`warm`): what
-copying it out of the cache costs this machine, apart from the fill.
+copying it out of the cache costs this machine, apart from the fill. The machine's CPU (busy share of all CPUs,
+other work on it included) is reported for the fill, for the rest of the herd, and for the warm herd.
 
     flock /tmp/modelfs-bench.lock .venv/bin/python -m bench.fleet --nodes 8 --size 1G --rate 12M
     ... --old-config FILE   adds the whole-blob case with an older nginx config (e.g. one from `git show`)
@@ -18,6 +19,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.harness import Janitor, start_mount
@@ -27,6 +31,52 @@ from tests.support.ggufmaker import make_gguf_of_size
 from tests.support.mount import Mount
 
 NAME = "fleet"
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, all CPUs (/proc/stat), in clock ticks."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+class Phases:
+    """While a herd runs: the machine's CPU and the origin's bytes once a second, to tell the fill (until the origin
+    has sent the model) from what follows it (nodes waiting for a cache entry, then copying it out)."""
+
+    def __init__(self, sent: Callable[[], int], size: int) -> None:
+        self.samples: list[tuple[float, int, int, int]] = []  # (time, busy, total, origin bytes)
+        self._sent, self._size = sent, size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        self.samples.append((time.monotonic(), *cpu_jiffies(), self._sent()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self._sample()
+
+    def __enter__(self) -> Phases:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def figures(self) -> dict[str, float]:
+        """Seconds and machine CPU busy share (of all CPUs) in the fill and after it."""
+        first, last = self.samples[0], self.samples[-1]
+        filled = next((s for s in self.samples if s[3] - first[3] >= self._size), last)
+
+        def busy(a: tuple[float, int, int, int], b: tuple[float, int, int, int]) -> float:
+            return round((b[1] - a[1]) / max(1, b[2] - a[2]), 2)
+
+        return {"fill_s": round(filled[0] - first[0], 1), "fill_cpu": busy(first, filled),
+                "after_fill_s": round(last[0] - filled[0], 1), "after_fill_cpu": busy(filled, last)}
 
 
 def run_case(work: Path, models: Path, sha: str, size: int, case: Case, nodes: int, rate: float,
@@ -43,13 +93,16 @@ def run_case(work: Path, models: Path, sha: str, size: int, case: Case, nodes: i
             return start_mount(janitor, mountpoint, store, args, mountpoint.parent / "modelfs.log", env)
 
         cold = start_nodes(nodes, work / "cold", proxy.url, mounter, env=case.node_settings())
-        result = herd(cold, NAME, sha, size, origin, timeout=3600)
+        with Phases(lambda: origin.bytes_sent(NAME), size) as phases:
+            result = herd(cold, NAME, sha, size, origin, timeout=3600)
         stored = all(settle(cold, NAME))
         for node in cold:
             node.stop()
         shutil.rmtree(work / "cold", ignore_errors=True)
         warm_nodes = start_nodes(nodes, work / "warm", proxy.url, mounter, env=case.node_settings())
+        busy_before = cpu_jiffies()
         warm = herd(warm_nodes, NAME, sha, size, origin, timeout=3600)
+        busy_after = cpu_jiffies()
         one = size / rate
         return {
             "config": label, "origin": case.origin_kind, "asks": "blob route" if case.blob_route or
@@ -61,6 +114,8 @@ def run_case(work: Path, models: Path, sha: str, size: int, case: Case, nodes: i
             "warm_s": round(warm.wall, 1), "warm_x": round(warm.wall / one, 2), "warm_gets": warm.gets,
             "warm_nodes_s": [round(s, 1) for s in warm.node_seconds],
             "warm_right": all(warm.digests_ok) and not warm.errors,
+            "warm_cpu": round((busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1]), 2),
+            **phases.figures(),
         }
     finally:
         janitor.close()
@@ -68,12 +123,13 @@ def run_case(work: Path, models: Path, sha: str, size: int, case: Case, nodes: i
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    lines = ["| config | origin (nodes ask) | origin sent | GETs | herd | herd / one | warm herd | warm / one | "
-             "target |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | origin (nodes ask) | origin sent | GETs | herd | herd / one | fill, CPU busy | after the "
+             "fill, CPU busy | warm herd, CPU busy | warm / one | target |", "|---" * 11 + "|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['origin']} ({r['asks']}) | {r['origin_x']:.2f}x | {r['gets']} | "
-                     f"{r['wall_s']} s | {r['wall_x']:.2f}x | {r['warm_s']} s | {r['warm_x']:.2f}x | "
-                     f"{'yes' if r['target_met'] else 'NO'} |")
+                     f"{r['wall_s']} s | {r['wall_x']:.2f}x | {r['fill_s']} s, {r['fill_cpu']:.0%} | "
+                     f"{r['after_fill_s']} s, {r['after_fill_cpu']:.0%} | {r['warm_s']} s, {r['warm_cpu']:.0%} | "
+                     f"{r['warm_x']:.2f}x | {'yes' if r['target_met'] else 'NO'} |")
     return "\n".join(lines)
 
 
