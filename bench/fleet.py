@@ -19,7 +19,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from modelfs.config import parse_size
 from tests.support.fleet import CASES, Case, herd, settle, sha256_of, start_nodes
 from tests.support.ggufmaker import make_gguf_of_size
 from tests.support.mount import Mount
+from tests.support.procs import Periodic
 
 NAME = "fleet"
 
@@ -40,32 +40,14 @@ def cpu_jiffies() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-class Phases:
+class Phases(Periodic):
     """While a herd runs: the machine's CPU and the origin's bytes once a second, to tell the fill (until the origin
     has sent the model) from what follows it (nodes waiting for a cache entry, then copying it out)."""
 
     def __init__(self, sent: Callable[[], int], size: int) -> None:
+        super().__init__(lambda: self.samples.append((time.monotonic(), *cpu_jiffies(), sent())), 1.0)
         self.samples: list[tuple[float, int, int, int]] = []  # (time, busy, total, origin bytes)
-        self._sent, self._size = sent, size
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        self.samples.append((time.monotonic(), *cpu_jiffies(), self._sent()))
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            self._sample()
-
-    def __enter__(self) -> Phases:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+        self._size = size
 
     def figures(self) -> dict[str, float]:
         """Seconds and machine CPU busy share (of all CPUs) in the fill and after it."""

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 
 def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 5.0) -> None:
@@ -83,31 +84,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class RssSampler:
-    """Samples a process's VmRSS every `interval` seconds in a thread while in use as a context manager: `peak`
-    is the largest seen, `samples` every (seconds since start, bytes) pair."""
+class Periodic:
+    """Calls `sample()` in a thread at once and then every `interval` seconds while in use as a context manager,
+    and once more at its exit."""
 
-    def __init__(self, pid: int, interval: float = 0.01) -> None:
-        self.pid = pid
+    def __init__(self, sample: Callable[[], None], interval: float) -> None:
+        self._sample = sample
         self.interval = interval
-        self.peak = 0
-        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._began = time.monotonic()
-
-    def _sample(self) -> None:
-        rss = proc_status(self.pid, "VmRSS")
-        self.samples.append((time.monotonic() - self._began, rss))
-        self.peak = max(self.peak, rss)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> RssSampler:
-        self._began = time.monotonic()
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -115,3 +107,28 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+class RssSampler:
+    """Samples a process's VmRSS every `interval` seconds in a thread while in use as a context manager: `peak`
+    is the largest seen, `samples` every (seconds since start, bytes) pair."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        self.pid = pid
+        self.peak = 0
+        self.samples: list[tuple[float, int]] = []
+        self._periodic = Periodic(self._sample, interval)
+        self._began = time.monotonic()
+
+    def _sample(self) -> None:
+        rss = proc_status(self.pid, "VmRSS")
+        self.samples.append((time.monotonic() - self._began, rss))
+        self.peak = max(self.peak, rss)
+
+    def __enter__(self) -> RssSampler:
+        self._began = time.monotonic()
+        self._periodic.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._periodic.__exit__(*exc)
