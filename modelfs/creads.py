@@ -1,14 +1,17 @@
-"""Reads answered in C: which open files the patched pyfuse3 serves without a Python call per read request.
+"""Reads answered in C: which open files the patched pyfuse3 serves without a Python call per read request, and
+the replies Python makes from a file rather than from its own buffer.
 
 A handle of a complete local file (the store, a finished download) is registered with the file's descriptor at
 open and cleared at release, before the descriptor can be closed; pyfuse3 then answers its reads with libfuse's
-`fuse_reply_data` from that descriptor (spliced into /dev/fuse). Shared files never are: their reads may hang
-and must stay in worker threads. A pyfuse3 without the project's patch 0005 leaves every read to Python.
+`fuse_reply_data` from that descriptor (spliced into /dev/fuse). A read of a download in progress is answered in
+Python once its bytes are on disk, with a `FileRange` of the partial file that pyfuse3 replies from the same way
+(patch 0006). Shared files never take either: their reads may hang and must stay in worker threads. A pyfuse3
+without the project's patches 0005 and 0006 leaves every read, and its bytes, to Python.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyfuse3
 
@@ -21,6 +24,24 @@ _lib: Any = pyfuse3
 
 def available() -> bool:
     return all(hasattr(pyfuse3, name) for name in ("set_read_fd", "clear_read_fd", "c_answers"))
+
+
+class FileRange(Protocol):
+    """`pyfuse3.FdRange`: what a read handler returns to have `size` bytes of `fd` at `offset` replied in C."""
+
+    fd: int
+    offset: int
+    size: int
+
+
+_ranges = hasattr(pyfuse3, "FdRange")
+
+
+def file_range(fd: int, offset: int, size: int) -> FileRange | None:
+    """A reply of `size` bytes of `fd` at `offset`, made by pyfuse3 from the file (spliced: the bytes never enter
+    Python); None without patch 0006. The reply is made before any other task runs, so `fd` need only be open now;
+    it is read on the trio loop, so only a local file's range."""
+    return _lib.FdRange(fd, offset, size) if _ranges else None
 
 
 class CReads:
@@ -48,7 +69,9 @@ class CReads:
 
 
 def counts() -> dict[str, int]:
-    """Requests pyfuse3 answered in C (reads, their bytes, getxattr of foreign names); zeros without the patch."""
+    """Requests pyfuse3 answered in C (reads, their bytes, getxattr of foreign names) and the replies it made from
+    a `FileRange` (`range_replies`, `range_bytes`); zeros without the patches."""
+    zeros = {"reads": 0, "read_bytes": 0, "xattr_enodata": 0, "range_replies": 0, "range_bytes": 0}
     if not available():
-        return {"reads": 0, "read_bytes": 0, "xattr_enodata": 0}
-    return {str(k): int(v) for k, v in _lib.c_answers().items()}
+        return zeros
+    return zeros | {str(k): int(v) for k, v in _lib.c_answers().items()}

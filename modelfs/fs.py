@@ -259,9 +259,10 @@ class ModelFS(pyfuse3.Operations):
         return file_info(fh, keep_cache, file.backing_id)
 
     @translated
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview | creads.FileRange:  # type: ignore[override]
         data = await self.inodes.handle(fh).reader.read(off, size)
-        metrics.DAEMON_READ_BYTES.inc(len(data))
+        if isinstance(data, (bytes, memoryview)):  # a FileRange is replied by pyfuse3 from the file, and counted there
+            metrics.DAEMON_READ_BYTES.inc(len(data))
         return data
 
     @translated

@@ -78,6 +78,9 @@ class _CAnswers(Collector):
         counts = creads.counts()
         yield CounterMetricFamily("modelfs_daemon_c_read_bytes", "Bytes of local files the daemon served to read "
                                   "requests in C, without Python (patched pyfuse3).", value=counts["read_bytes"])
+        yield CounterMetricFamily("modelfs_daemon_range_read_bytes", "Bytes of downloads in progress the daemon "
+                                  "replied to read requests from the partial file in C, once Python had waited for "
+                                  "them (patched pyfuse3).", value=counts["range_bytes"])
         yield CounterMetricFamily("modelfs_xattr_c_enodata", "getxattr requests for names modelfs does not serve, "
                                   "answered with ENODATA in C.", value=counts["xattr_enodata"])
 

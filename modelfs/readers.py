@@ -3,7 +3,8 @@
 A local file is read right on the trio loop (page-cache reads of a local disk take microseconds, and a thread hop
 would cost more than the read): by the patched pyfuse3 in C where it can (`c_read`, see `creads`), else with
 `pread`. A shared file is read in a worker thread with a timeout, because its server may hang. A downloading file
-is read from the partial file once the download has written the bytes asked for, waiting only for those bytes.
+is read from the partial file once the download has written the bytes asked for, waiting only for those bytes;
+the reply is then made by pyfuse3 from the partial file (`creads.file_range`), else from a `pread`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
+from . import creads
 from .errors import Failure
 from .fetcher import Download
 from .identity import Identity
@@ -29,7 +31,7 @@ class Reader(Protocol):
     trusted: bool  # whether `identity` proves the file (not a shared file changed in the last seconds)
     complete: bool  # the whole file is on disk: the kernel may read it itself (passthrough)
 
-    async def read(self, offset: int, size: int) -> bytes | memoryview: ...
+    async def read(self, offset: int, size: int) -> bytes | memoryview | creads.FileRange: ...
 
     def c_read(self) -> tuple[int, int] | None:
         """(fd, drop-behind bytes) if the patched pyfuse3 may answer this file's reads in C, else None.
@@ -178,17 +180,26 @@ class DownloadReader:
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         return fn(*args)
 
-    async def read(self, offset: int, size: int) -> memoryview:
+    async def read(self, offset: int, size: int) -> memoryview | creads.FileRange:
         end = offset + size
         total = self.download.total
         if total is not None:
             end = min(end, total)
         if end > offset:
             await self.download.wait_for(offset, end)
-        data = pread_shared(self.fd, size, offset)
-        if self.download.done:  # pages of a file still being written are dirty: nothing to drop yet
-            self.cache.served(offset, offset + len(data))
+        if total is not None and end > offset:
+            # Bytes [offset, end) are on disk: pyfuse3 replies with them from this version's own descriptor.
+            reply = creads.file_range(self.fd, offset, end - offset)
+            if reply is not None:
+                self._served(offset, end)
+                return reply
+        data = pread_shared(self.fd, size, offset)  # of a body of unknown size, the file ends where the body did
+        self._served(offset, offset + len(data))
         return data
+
+    def _served(self, offset: int, end: int) -> None:
+        if self.download.done:  # pages of a file still being written are dirty: nothing to drop yet
+            self.cache.served(offset, end)
 
     def c_read(self) -> None:
         return None  # its reads wait for the download; a handle keeps this reader after it completes

@@ -1,6 +1,8 @@
-"""Requests answered in C by the patched pyfuse3 (patches/pyfuse3/0005), on real mounts: reads of complete local
-files on the daemon path (right at every offset, counted by pyfuse3, never for shared files or downloads in
-progress, the backing file not cached twice) and getxattr of names modelfs does not serve."""
+"""Requests answered in C by the patched pyfuse3 (patches/pyfuse3/0005, 0006), on real mounts: reads of complete
+local files on the daemon path (right at every offset, counted by pyfuse3, never for shared files or downloads in
+progress, the backing file not cached twice), reads of a download in progress replied from its partial file once
+Python waited for their bytes (right at every offset, counted, never for shared files), and getxattr of names
+modelfs does not serve."""
 
 from __future__ import annotations
 
@@ -99,9 +101,14 @@ def test_shared_files_and_downloads_in_progress_never_take_the_c_path(mount, rou
 
     start = c_answers(m.path)
     assert read_through(m.model("sha")) == shared
+    after_shared = c_answers(m.path)
+    # Neither registered for C reads nor replied from a file range: a shared file's reads stay in worker threads.
+    assert after_shared == start, "a shared file was read in C"
     assert read_through(m.model("rem")) == remote
     after_remote = c_answers(m.path)
-    assert after_remote["reads"] == start["reads"], "a shared file or a download in progress was read in C"
+    assert after_remote["reads"] == start["reads"], "a download in progress was registered for reads in C"
+    # Its reads wait in Python; their replies come from the partial file (patch 0006), every byte of it.
+    assert after_remote["range_bytes"] - start["range_bytes"] >= len(remote)
 
     # The finished download is a local file now: a new open reads it in C on the daemon path.
     wait_for((dirs["store"] / "rem" / "model.gguf").exists, timeout=30, what="promotion into the store")
@@ -114,7 +121,45 @@ def test_shared_files_and_downloads_in_progress_never_take_the_c_path(mount, rou
         assert end["reads"] == 0
     # The shared file is still read in Python (worker threads) after the local ones were read in C.
     assert read_through(m.model("sha")) == shared
-    assert c_answers(m.path)["reads"] == end["reads"]
+    assert c_answers(m.path) == end
+
+
+def test_reads_of_a_download_in_progress_are_replied_from_its_partial_file(mount, router, dirs, io):
+    """Once a read's bytes are on disk, pyfuse3 replies from the partial file (patch 0006): right at every offset,
+    across the file's end and past it, while the download runs and after it was promoted (the handle keeps its
+    download's descriptor, the file renamed into the store), and counted as such, never as a registered read."""
+    data = gguf_bytes(12 * MB + 4321, seed=8)  # not a whole number of pages
+    r = router()  # one stream from byte 0 (no Range): far reads wait for it
+    write_model(r.models_dir, "dl", data)
+    r.control(rate=3 * MB)  # about 4 s
+    m = mount("--router", r.url)
+    final = dirs["store"] / "dl" / "model.gguf"
+    before = c_answers(m.path)
+    with open(m.model("dl"), "rb") as f:
+        assert os.pread(f.fileno(), 4096, 0) == data[:4096]
+        early = c_answers(m.path)
+        assert not final.exists(), "the download ended before the first read was answered"
+        assert early["range_replies"] > before["range_replies"], "a read in progress was not replied from the file"
+        rng = random.Random(9)
+        in_progress = 0
+        for _ in range(80):
+            offset = rng.randrange(len(data) + 10)
+            size = rng.choice((1, 100, 4095, 4096, 4097, 65536 + 3, MB, 3 * MB))
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # every read reaches the daemon
+            running = not final.exists()
+            assert os.pread(f.fileno(), size, offset) == data[offset:offset + size], (offset, size)
+            in_progress += running
+        assert in_progress >= 10, f"only {in_progress} reads while the download ran"
+        wait_for(final.exists, timeout=30, what="promotion into the store")
+        mid = c_answers(m.path)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        f.seek(0)
+        assert f.read() == data  # the same handle after promotion: still its download's reader
+        assert os.pread(f.fileno(), 10, len(data)) == b""
+    after = c_answers(m.path)
+    assert after["range_bytes"] - mid["range_bytes"] >= len(data)
+    assert after["reads"] == before["reads"], "a download's handle was registered for reads in C"
+    assert m.model("dl").read_bytes() == data
 
 
 def test_a_model_read_in_c_is_cached_once(mount, dirs, io):
