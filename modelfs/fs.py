@@ -80,6 +80,9 @@ class ModelFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
     max_background = MAX_BACKGROUND
+    #: A file inode's data never changes (a new version is a new inode), but a router model's mtime does once, when
+    #: its download starts: the kernel must not drop the pages it cached for it then (patched pyfuse3, 0007).
+    auto_inval_data = False
     #: The patched pyfuse3 answers getxattr of every other name with ENODATA in C (`ls -l` asks each entry for
     #: ACLs and security labels); `getxattr` below does the same for an unpatched one.
     served_xattr_prefixes = (XATTR_PREFIX.encode(),)

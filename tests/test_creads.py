@@ -162,6 +162,29 @@ def test_reads_of_a_download_in_progress_are_replied_from_its_partial_file(mount
     assert m.model("dl").read_bytes() == data
 
 
+def test_pages_served_while_downloading_stay_cached_when_the_mtime_changes(mount, router, dirs, io):
+    """A router model's mtime is the mount's start until its download starts (docs/SEMANTICS.md): the kernel learns
+    the new one once its attributes expire, and must keep the pages it already has (patched pyfuse3, 0007), or every
+    page served and not yet read is asked for again (64 readers of a cold model: 14-20% of it twice)."""
+    data = gguf_bytes(8 * MB, seed=10)
+    r = router()
+    write_model(r.models_dir, "m", data)
+    r.control(rate=2 * MB)  # the download runs through the whole test
+    m = mount("--router", r.url)
+    looked_up = os.stat(m.model("m")).st_mtime_ns
+    final = dirs["store"] / "m" / "model.gguf"
+    with open(m.model("m"), "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: the kernel asks for what is read
+        assert os.pread(f.fileno(), 2 * MB, 0) == data[:2 * MB]
+        served = c_answers(m.path)["range_bytes"]
+        assert served == 2 * MB
+        time.sleep(1.5)  # past the attribute timeout (1 s): the next read refreshes them
+        assert os.fstat(f.fileno()).st_mtime_ns != looked_up, "the mtime did not change: nothing tested"
+        assert os.pread(f.fileno(), 2 * MB, 0) == data[:2 * MB]
+        assert not final.exists(), "the download ended before the test did"
+        assert c_answers(m.path)["range_bytes"] == served, "pages already served were asked for again"
+
+
 def test_a_model_read_in_c_is_cached_once(mount, dirs, io):
     """The C path drops the backing file's pages behind the reader and at close, as the Python path does: the
     model stays cached in the mount's page cache only (with passthrough the kernel caches the backing file)."""
