@@ -374,6 +374,7 @@ def negotiation_difference(init_request: bytes, init_reply: bytes, passthrough: 
         enable_writeback_cache = ModelFS.enable_writeback_cache
         enable_acl = ModelFS.enable_acl
         max_background = ModelFS.max_background
+        auto_inval_data = ModelFS.auto_inval_data
         enable_passthrough = passthrough
 
         def init(self) -> None:
