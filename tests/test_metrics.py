@@ -66,15 +66,19 @@ def test_metrics_move_with_real_opens_misses_and_downloads(io, mount, router, di
     assert after[("modelfs_download_bytes_total", ())] == len(remote)
     assert after[("modelfs_download_seconds_count", ())] == 2
     # A fresh mount. With passthrough the kernel reads the local and shared files itself; the download in
-    # progress streams through the daemon either way. On the daemon path the local file's reads are answered in C
-    # (patched pyfuse3), the shared file's and the download's in Python.
+    # progress goes through the daemon either way. On the daemon path the local file's reads are answered in C
+    # (patched pyfuse3, 0005), the shared file's in Python, and the download's in C from its partial file once
+    # Python waited for the bytes (0006).
     python, in_c = after[("modelfs_daemon_read_bytes_total", ())], after[("modelfs_daemon_c_read_bytes_total", ())]
+    ranged = after[("modelfs_daemon_range_read_bytes_total", ())]
+    assert ranged > 0
     if io == "passthrough":
         assert after[("modelfs_passthrough_opens_total", ())] == 2
-        assert len(remote) <= python < len(remote) + len(local)
+        assert len(remote) <= python + ranged < len(remote) + len(local)
         assert in_c == 0
     else:
-        assert len(shared) + len(remote) <= python < len(local) + len(shared) + len(remote)
+        assert python >= len(shared)
+        assert len(shared) + len(remote) <= python + ranged < len(local) + len(shared) + len(remote)
         assert in_c == len(local)
         assert after[("modelfs_passthrough_opens_total", ())] == 0
     assert after[("modelfs_router_requests_total", (("router", r.url), ("status", "2xx")))] >= 2
