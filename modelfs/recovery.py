@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import trio
 
-from . import names
+from . import creads, names
 from .errors import Failure
 from .fetcher import Fetcher
 from .handover import STATE_PREFIX, Holder
@@ -144,7 +144,7 @@ class RestoredReader:
             assert self._reader is not None
             return self._reader
 
-    async def read(self, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, offset: int, size: int) -> bytes | memoryview | creads.FileRange:
         return await (await self._get()).read(offset, size)
 
     def c_read(self) -> None:
