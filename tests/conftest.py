@@ -9,14 +9,11 @@ expected fails the test.
 from __future__ import annotations
 
 import shutil
-import sys
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import ggufmaker, models, procs, router, router_server, router_state, sshfs
 from tests.support.models import gguf_bytes as gguf_bytes
 from tests.support.models import write_model as write_model
 from tests.support.mount import Mount as Mount
@@ -24,13 +21,6 @@ from tests.support.mount import fuse_missing as fuse_missing
 from tests.support.nginx import Nginx, start_nginx
 from tests.support.procs import wait_for as wait_for
 from tests.support.router import RouterProcess
-
-# Transitional, until every lane's tests import from tests.support: the helpers re-exported above (`from conftest
-# import gguf_bytes, wait_for, write_model, fuse_missing, Mount`) and the old flat module names below.
-_router_server = types.ModuleType("router_server", "old name of tests.support.router_server, router, router_state")
-for _part in (models, router_state, router_server, router):
-    _router_server.__dict__.update({k: v for k, v in vars(_part).items() if not k.startswith("__")})
-sys.modules.update({"router_server": _router_server, "sshfs": sshfs, "ggufmaker": ggufmaker, "procs": procs})
 
 
 @pytest.fixture

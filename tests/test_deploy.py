@@ -29,7 +29,7 @@ from modelfs import mounthelper
 from modelfs.config import Config, from_file
 from tests.support.models import gguf_bytes, write_model
 from tests.support.mount import BENIGN_ERRORS, fuse_missing, stop_daemon
-from tests.support.procs import free_port, wait_for
+from tests.support.procs import wait_for
 from tests.support.sshfs import is_mounted
 
 MB = 1 << 20
@@ -494,18 +494,6 @@ def test_fstab_line_becomes_a_remote_fs_mount_unit(tmp_path):
 
 
 # --------------------------------------------------------------------------- a fleet behind a caching nginx
-
-
-def __getattr__(name: str) -> object:
-    """Transitional: the `nginx` fixture moved to conftest.py and `free_port` to tests.support.procs; tests that
-    still import them from here get them."""
-    if name == "nginx":
-        import conftest
-
-        return conftest.nginx
-    if name == "free_port":
-        return free_port
-    raise AttributeError(name)
 
 
 def test_fleet_behind_caching_nginx_downloads_each_model_once(tmp_path, router, nginx, mount):
