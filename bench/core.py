@@ -1,6 +1,6 @@
 """The bench's core: a measured daemon (`Lever`), one run's state and its mounts (`Bench`), interleaved A/B
 repetitions and the rows they make, and the small helpers every case uses (timed `cat`, a mount's I/O path and
-counters, the probe child). The cases themselves are in run.py.
+counters, the probe child). The cases themselves are in local_cases, shared_cases and download_cases.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ cleanup of everything a bench run starts.
 
 The components themselves (the modelfs mount, test router, sshfs, nginx, GGUF files, process sampling) come from
 tests.support; here they are only registered with a `Janitor`, so that a bench run always unmounts and stops
-every process it started, whatever happens. Nothing here knows about the cases (see run.py).
+every process it started, whatever happens. Nothing here knows about the cases (see core.py and *_cases.py).
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.support.ggufmaker import make_gguf_of_size as make_gguf_of_size  # (re-exported for run.py)
+from tests.support.ggufmaker import make_gguf_of_size as make_gguf_of_size  # (re-exported for the cases)
 from tests.support.mount import Mount
 from tests.support.nginx import Nginx as NginxServer
 from tests.support.nginx import start_nginx as start_nginx_retrying
-from tests.support.procs import RssSampler as RssSampler  # (re-exported for run.py)
-from tests.support.procs import cpu_seconds as cpu_seconds  # (re-exported for run.py)
-from tests.support.router import RouterProcess as RouterProcess  # (re-exported for run.py)
+from tests.support.procs import RssSampler as RssSampler  # (re-exported for the cases)
+from tests.support.procs import cpu_seconds as cpu_seconds  # (re-exported for the cases)
+from tests.support.router import RouterProcess as RouterProcess  # (re-exported for the cases)
 from tests.support.sshfs import Sshd
-from tests.support.sshfs import SshfsMount as SshfsMount  # (re-exported for run.py)
-from tests.support.sshfs import sshfs_available as sshfs_available  # (re-exported for run.py)
+from tests.support.sshfs import SshfsMount as SshfsMount  # (re-exported for the cases)
+from tests.support.sshfs import sshfs_available as sshfs_available  # (re-exported for the cases)
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
