@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(table(rows)))
     print()
-    sizes = ", ".join(f"{b.size / MIB:.0f} MiB" for b in results)
-    subtitle = f"{sizes}, {args.reps} rep(s), kernel {platform.release()}"
+    measured = ", ".join(f"{b.size / MIB:.0f} MiB" for b in results)
+    subtitle = f"{measured}, {args.reps} rep(s), kernel {platform.release()}"
     print(chart(rows, args.workdir / "passthrough.png", subtitle))
     print(download_chart(rows, args.workdir / "downloads.png", subtitle))
     for b in results:
