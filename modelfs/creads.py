@@ -11,12 +11,9 @@ without the project's patches 0005 and 0006 leaves every read, and its bytes, to
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import pyfuse3
-
-if TYPE_CHECKING:
-    from .readers import Reader
 
 #: pyfuse3 with patches/pyfuse3/0005; its additions are not in the stubs of an unpatched pyfuse3.
 _lib: Any = pyfuse3
@@ -44,6 +41,12 @@ def file_range(fd: int, offset: int, size: int) -> FileRange | None:
     return _lib.FdRange(fd, offset, size) if _ranges else None
 
 
+class CReadable(Protocol):
+    """What `register` asks of a reader (`readers.Reader`, named here so that this module imports no reader)."""
+
+    def c_read(self) -> tuple[int, int] | None: ...
+
+
 class CReads:
     """The handles whose reads pyfuse3 answers in C."""
 
@@ -51,7 +54,7 @@ class CReads:
         self.enabled = available()
         self._handles: set[int] = set()
 
-    def register(self, fh: int, reader: Reader) -> bool:
+    def register(self, fh: int, reader: CReadable) -> bool:
         """Serve `fh`'s reads in C if its reader allows it; whether it does."""
         target = reader.c_read() if self.enabled else None
         if target is None:
