@@ -141,10 +141,14 @@ def test_reads_of_a_download_in_progress_are_replied_from_its_partial_file(mount
         assert not final.exists(), "the download ended before the first read was answered"
         assert early["range_replies"] > before["range_replies"], "a read in progress was not replied from the file"
         rng = random.Random(9)
+        reads = [(rng.randrange(len(data) + 10), rng.choice((1, 100, 4095, 4096, 4097, 65536 + 3, MB, 3 * MB)))
+                 for _ in range(80)]
+        # The first 60 in the order the download reaches their ends, so that they run while it does however fast
+        # the promotion follows its last byte (a read of the last bytes waits for the whole download); the rest
+        # in random order, some of them far ahead.
+        reads[:60] = sorted(reads[:60], key=lambda read: read[0] + read[1])
         in_progress = 0
-        for _ in range(80):
-            offset = rng.randrange(len(data) + 10)
-            size = rng.choice((1, 100, 4095, 4096, 4097, 65536 + 3, MB, 3 * MB))
+        for offset, size in reads:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # every read reaches the daemon
             running = not final.exists()
             assert os.pread(f.fileno(), size, offset) == data[offset:offset + size], (offset, size)
