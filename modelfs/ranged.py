@@ -100,15 +100,42 @@ def judge(answer: Answer, asked: int, held: Version | None) -> tuple[Verdict, st
 
 def cache_filling(headers: Mapping[str, str]) -> bool:
     """Whether a caching proxy says it is still fetching this blob from the origin: a miss, in nginx's
-    `X-Cache-Status` (as the shipped configs add it) or squid's `X-Cache` (sent to every request that joined the
-    fill too). Parallel parts would only wait there, for bytes the fill has not reached (squid) or for its end
-    (nginx), and N nodes times parallel parts would pile onto the one fill; a hit, or no such header, says
-    nothing against them."""
+    `X-Cache-Status` (as the shipped configs add it), squid 5's `X-Cache` (sent to every request that joined the
+    fill too), or RFC 9211's `Cache-Status` without `hit` at the cache nearest to us (squid 6 sends only that one,
+    `NAME;detail=match` to a request that joined the fill). Parallel parts would only wait there, for bytes the
+    fill has not reached (squid) or for its end (nginx), and N nodes times parallel parts would pile onto the one
+    fill; a hit, or no such header, says nothing against them."""
     for header in ("x-cache-status", "x-cache"):
         words = headers.get(header, "").split()
         if words and words[0].upper() in ("MISS", "EXPIRED"):
             return True
+    status = headers.get("cache-status", "")
+    if status.strip():
+        nearest = _split_outside_quotes(status, ",")[-1]
+        params = {part.split("=", 1)[0].strip().lower() for part in _split_outside_quotes(nearest, ";")[1:]}
+        return "hit" not in params
     return False
+
+
+def _split_outside_quotes(text: str, separator: str) -> list[str]:
+    """`text` split at `separator`s that are not inside a quoted string (a structured field's `detail="a, b"`)."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
 
 
 def parse_content_range(value: str, unsatisfied: bool = False) -> tuple[int, int, int | None]:

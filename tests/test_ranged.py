@@ -149,6 +149,14 @@ def test_a_200_is_the_whole_file_and_a_416_a_new_version():
     ({"x-cache-status": "UPDATING"}, False),  # a stale entry served while it is refreshed: all there
     ({"x-cache-status": ""}, False),
     ({}, False),  # no cache in front, or one that says nothing: parallel parts as usual
+    # RFC 9211, as squid 6 sends it (seen from squid 6.13): the fill, a request joined to it, a hit.
+    ({"cache-status": "vm;detail=mismatch"}, True),
+    ({"cache-status": "vm;detail=match"}, True),
+    ({"cache-status": "vm;hit;detail=match"}, False),
+    ({"cache-status": "origin-cache;hit, edge;fwd=miss;stored"}, True),  # the cache nearest to us is the last
+    ({"cache-status": "origin-cache;fwd=miss, edge;hit;ttl=30"}, False),
+    ({"cache-status": 'edge;hit;detail="a; b, c"'}, False),  # separators inside a quoted string
+    ({"cache-status": " "}, False),
 ])
 def test_a_cache_that_says_it_is_filling_is_recognised(headers, filling):
     assert cache_filling(headers) is filling
