@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')  # a structured field's quoted string, escapes included
 _CONTENT_RANGE = re.compile(r"bytes[ \t]+(?:(\d+)-(\d+)|\*)/(\d+|\*)", re.IGNORECASE)
 
 
@@ -109,33 +110,12 @@ def cache_filling(headers: Mapping[str, str]) -> bool:
         words = headers.get(header, "").split()
         if words and words[0].upper() in ("MISS", "EXPIRED"):
             return True
-    status = headers.get("cache-status", "")
+    status = _QUOTED.sub('""', headers.get("cache-status", ""))  # separators inside quoted strings are not ones
     if status.strip():
-        nearest = _split_outside_quotes(status, ",")[-1]
-        params = {part.split("=", 1)[0].strip().lower() for part in _split_outside_quotes(nearest, ";")[1:]}
+        nearest = status.split(",")[-1]
+        params = {part.split("=", 1)[0].strip().lower() for part in nearest.split(";")[1:]}
         return "hit" not in params
     return False
-
-
-def _split_outside_quotes(text: str, separator: str) -> list[str]:
-    """`text` split at `separator`s that are not inside a quoted string (a structured field's `detail="a, b"`)."""
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = escaped = False
-    for char in text:
-        if escaped:
-            escaped = False
-        elif char == "\\" and quoted:
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif char == separator and not quoted:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(char)
-    parts.append("".join(current))
-    return parts
 
 
 def parse_content_range(value: str, unsatisfied: bool = False) -> tuple[int, int, int | None]:

@@ -156,6 +156,8 @@ def test_a_200_is_the_whole_file_and_a_416_a_new_version():
     ({"cache-status": "origin-cache;hit, edge;fwd=miss;stored"}, True),  # the cache nearest to us is the last
     ({"cache-status": "origin-cache;fwd=miss, edge;hit;ttl=30"}, False),
     ({"cache-status": 'edge;hit;detail="a; b, c"'}, False),  # separators inside a quoted string
+    ({"cache-status": r'edge;hit;detail="a \" ; b, c"'}, False),  # and after an escaped quote in it
+    ({"cache-status": r'edge;detail="x, y;hit"'}, True),  # `hit` inside a quoted string is not the parameter
     ({"cache-status": " "}, False),
 ])
 def test_a_cache_that_says_it_is_filling_is_recognised(headers, filling):
