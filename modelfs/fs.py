@@ -76,7 +76,7 @@ def read_only(*_args: Any, **_kwargs: Any) -> Any:
 class ModelFS(pyfuse3.Operations):
     """`/models`: `<name>.gguf` files, with a directory for each `/` in a name."""
 
-    # What FUSE_INIT negotiates from these attributes: mount.negotiation_difference copies each into its probe, so
+    # FUSE_INIT negotiates from these class attributes; mount.negotiation_difference's probe inherits them, so
     # that `modelfs restart` compares like with like.
     supports_dot_lookup = False
     enable_writeback_cache = False

@@ -369,13 +369,13 @@ def negotiation_difference(init_request: bytes, init_reply: bytes, passthrough: 
     """How this modelfs would answer a mount's recorded FUSE_INIT differently (None: identically), so that
     `modelfs restart` refuses a hand-over the new daemon could not make, before touching the mount."""
 
-    class Probe(pyfuse3.Operations):  # ModelFS's negotiating attributes, without its init()
-        supports_dot_lookup = ModelFS.supports_dot_lookup
-        enable_writeback_cache = ModelFS.enable_writeback_cache
-        enable_acl = ModelFS.enable_acl
-        max_background = ModelFS.max_background
-        auto_inval_data = ModelFS.auto_inval_data
-        enable_passthrough = passthrough
+    class Probe(ModelFS):
+        """ModelFS's class attributes, which are what FUSE_INIT negotiates (all of them, by inheritance), without
+        its state or its init()."""
+
+        def __init__(self) -> None:  # no resolver, no inodes: only the negotiation is asked of it
+            pyfuse3.Operations.__init__(self)
+            self.enable_passthrough = passthrough
 
         def init(self) -> None:
             pass
